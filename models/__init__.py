@@ -1,0 +1,1 @@
+"""Benchmark workloads: networks and datasets with per-example losses."""
