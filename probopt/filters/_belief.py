@@ -128,8 +128,9 @@ class GaussianBelief(eqx.Module):
         """Draw samples shaped ``sample_shape + leaf.shape`` for every leaf."""
         distribution = self.distribution()
         if self.structure == "dense":
-            _, unravel = ravel_pytree(self.mean)
-            flat = distribution.sample(key, sample_shape)
+            flat_mean, unravel = ravel_pytree(self.mean)
+            # NumPyro draws in the default float dtype; keep the belief's dtype.
+            flat = distribution.sample(key, sample_shape).astype(flat_mean.dtype)
             unravel_batched = unravel
             for _ in sample_shape:
                 unravel_batched = jax.vmap(unravel_batched)
@@ -138,7 +139,11 @@ class GaussianBelief(eqx.Module):
             distribution, is_leaf=lambda x: isinstance(x, dist.Distribution)
         )
         keys = jax.random.split(key, len(leaves))
-        samples = [d.sample(k, sample_shape) for d, k in zip(leaves, keys)]
+        means = jax.tree_util.tree_leaves(self.mean)
+        samples = [
+            d.sample(k, sample_shape).astype(jnp.result_type(m))
+            for d, k, m in zip(leaves, keys, means)
+        ]
         return jax.tree_util.tree_unflatten(treedef, samples)
 
     def log_prob(self, value: Any) -> jax.Array:

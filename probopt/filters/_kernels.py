@@ -53,7 +53,12 @@ class ConditionInfo(NamedTuple):
 
 
 def _as_structure(noise: Any, belief: GaussianBelief, name: str) -> Any:
-    """Bring a noise term into the belief's covariance structure."""
+    """Check a noise term and bring it into the belief's covariance structure."""
+    if belief.structure == "dense" and jnp.ndim(noise) == 2:
+        # A full covariance matrix may have negative off-diagonal entries.
+        check_nonnegative(jnp.diagonal(jnp.asarray(noise)), f"{name} diagonal")
+    else:
+        check_nonnegative(noise, name)
     if belief.structure == "scalar":
         noise = jnp.asarray(noise)
         if noise.shape != ():
@@ -107,7 +112,6 @@ def predict(
 
     **Returns:** the predicted belief, same structure.
     """
-    check_nonnegative(process_noise, "process_noise")
     noise = _as_structure(process_noise, belief, "process_noise")
     mean = belief.mean
     if drift is not None:
@@ -148,7 +152,6 @@ def condition(
     if form not in ("joseph", "standard"):
         raise ValueError(f"`form` must be 'joseph' or 'standard'; got {form!r}.")
     check_same_structure(belief.mean, observation, "belief.mean", "observation")
-    check_nonnegative(observation_noise, "observation_noise")
     noise = _as_structure(observation_noise, belief, "observation_noise")
     innovation = jax.tree_util.tree_map(jnp.subtract, observation, belief.mean)
 

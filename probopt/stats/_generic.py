@@ -1,20 +1,27 @@
-"""Generic per-example statistics for any JAX loss, by ``vmap`` of ``jvp(grad)``."""
+"""Generic per-example statistics for any JAX loss: chunked ``vmap`` of ``jvp(grad)``.
+
+Works for every differentiable ``per_example_loss``, at the price of
+materialising ``chunk_size`` per-example gradients (and HVPs) at a time, i.e.
+``O(chunk_size * P)`` memory and roughly ``chunk_size`` times less
+vectorisation-friendly arithmetic than one gradient.  Chunks are reduced
+with a ``lax.scan`` and merged with Chan's formula (see ``_moments``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from .._validation import check_same_structure
-from ._types import BatchStats
+from ._moments import Moments, chunk_moments, merge_moments
 
 
-def _batch_size(batch: Any) -> int:
-    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(batch)}
-    if None in sizes or len(sizes) != 1:
+def batch_size_of(batch: Any) -> int:
+    """The common leading-axis size of all leaves of ``batch``."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+    if not leaves or None in sizes or len(sizes) != 1:
         raise ValueError(
             "`batch` must be a pytree whose leaves all share a leading batch axis; "
             f"got leading sizes {sorted(str(s) for s in sizes)}."
@@ -23,8 +30,21 @@ def _batch_size(batch: Any) -> int:
 
 
 def check_per_example_loss(per_example_loss: Callable, params: Any, batch: Any) -> int:
-    """Check that ``per_example_loss(params, batch)`` returns shape ``(n,)``; return ``n``."""
-    n = _batch_size(batch)
+    """Check that ``per_example_loss(params, batch)`` returns shape ``(n,)``; return ``n``.
+
+    **Arguments:**
+
+    - `per_example_loss`: ``per_example_loss(params, batch) -> losses``.
+    - `params`: the parameters (pytree).
+    - `batch`: pytree of arrays with a common leading batch axis of size ``n``.
+
+    **Raises:** ``ValueError`` naming the offending argument when the batch
+    leaves disagree on their leading size or the loss is not one value per
+    example (e.g. a scalar mean loss).
+    """
+    if not callable(per_example_loss):
+        raise TypeError(f"`per_example_loss` must be callable; got {type(per_example_loss).__name__}.")
+    n = batch_size_of(batch)
     out = jax.eval_shape(per_example_loss, params, batch)
     if getattr(out, "shape", None) != (n,):
         raise ValueError(
@@ -35,68 +55,95 @@ def check_per_example_loss(per_example_loss: Callable, params: Any, batch: Any) 
     return n
 
 
-def _moments(per_example: Any, n: int) -> tuple[Any, Any, Any, jax.Array]:
-    """Mean, sum of squares, sample variance (two-pass) and its mean over coordinates."""
-    mean = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), per_example)
-    sq_sum = jax.tree_util.tree_map(lambda x: jnp.sum(x**2, axis=0), per_example)
-    denom = max(n - 1, 1)
-    var = jax.tree_util.tree_map(
-        lambda x, m: jnp.sum((x - m) ** 2, axis=0) / denom if n > 1 else jnp.zeros_like(m),
-        per_example,
-        mean,
-    )
-    flat_var, _ = ravel_pytree(var)
-    return mean, sq_sum, var, jnp.mean(flat_var)
+def _per_example_fn(
+    per_example_loss: Callable,
+    leaves: list,
+    treedef: Any,
+    select: Sequence[int],
+    direction_leaves: list | None,
+):
+    """Function of one example returning (loss, grads of selected leaves, their HVP rows)."""
+
+    def loss_of_leaves(full, example):
+        one = jax.tree_util.tree_map(lambda x: x[None], example)
+        return per_example_loss(jax.tree_util.tree_unflatten(treedef, full), one)[0]
+
+    def value_and_selected_grad(full, example):
+        def of_selected(selected):
+            merged = list(full)
+            for j, value in zip(select, selected):
+                merged[j] = value
+            return loss_of_leaves(merged, example)
+
+        return jax.value_and_grad(of_selected)([full[j] for j in select])
+
+    def one(example):
+        if direction_leaves is None:
+            loss, grads = value_and_selected_grad(leaves, example)
+            return loss, grads, None
+        # Forward-over-reverse along the *full* direction: row j of H delta
+        # involves every coordinate of delta, not only the selected leaves.
+        (loss, grads), (_, hvps) = jax.jvp(
+            lambda full: value_and_selected_grad(full, example), (leaves,), (direction_leaves,)
+        )
+        return loss, grads, hvps
+
+    return one
 
 
-def batch_stats_generic(
-    per_example_loss: Callable[[Any, Any], jax.Array],
+def generic_moments(
+    per_example_loss: Callable,
     params: Any,
     batch: Any,
+    n: int,
     *,
     direction: Any = None,
-) -> BatchStats:
-    """Per-example statistics by ``vmap`` over examples (reference path).
+    chunk_size: int | None = None,
+    per_parameter: bool = True,
+    select: Sequence[int] | None = None,
+) -> tuple[Moments, Moments, Moments | None]:
+    """Moments of per-example losses, gradients and HVP rows of the selected leaves.
 
-    Materialises ``n`` per-example gradients (and HVPs), so it costs
-    ``O(n P)`` memory.  See [`batch_stats`][probopt.batch_stats] for the
-    conventions of the returned fields.
+    Returns ``(loss_moments, grad_moments, hvp_moments)``; gradient and HVP
+    moments hold one entry per selected leaf of ``params`` (all leaves by
+    default), ``hvp_moments`` is ``None`` without ``direction``.
     """
-    n = check_per_example_loss(per_example_loss, params, batch)
-    if direction is not None:
-        check_same_structure(params, direction, "params", "direction")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    select = list(range(len(leaves))) if select is None else list(select)
+    direction_leaves = None if direction is None else jax.tree_util.tree_leaves(direction)
+    one = _per_example_fn(per_example_loss, leaves, treedef, select, direction_leaves)
 
-    def single_loss(p, example):
-        one = jax.tree_util.tree_map(lambda x: x[None], example)
-        return per_example_loss(p, one)[0]
+    def chunk_stats(chunk):
+        losses, grads, hvps = jax.vmap(one)(chunk)
+        loss_m = chunk_moments([losses], per_coordinate=True)
+        grad_m = chunk_moments(grads, per_parameter)
+        hvp_m = None if hvps is None else chunk_moments(hvps, per_parameter)
+        return loss_m, grad_m, hvp_m
 
-    if direction is None:
-        losses, grads = jax.vmap(jax.value_and_grad(single_loss), in_axes=(None, 0))(params, batch)
-        hvps = None
-    else:
+    chunk = n if chunk_size is None else min(int(chunk_size), n)
+    num_full, remainder = divmod(n, chunk)
+    if num_full == 1 and remainder == 0:
+        return chunk_stats(batch)
 
-        def loss_grad_hvp(example):
-            grad_fn = jax.value_and_grad(lambda p: single_loss(p, example))
-            (loss, grad), (_, hvp) = jax.jvp(grad_fn, (params,), (direction,))
-            return loss, grad, hvp
+    def take(start, size):
+        return jax.tree_util.tree_map(lambda x: x[start : start + size], batch)
 
-        losses, grads, hvps = jax.vmap(loss_grad_hvp)(batch)
-
-    loss_mean = jnp.mean(losses)
-    loss_var = jnp.sum((losses - loss_mean) ** 2) / max(n - 1, 1) if n > 1 else jnp.zeros_like(loss_mean)
-    grad_mean, grad_sq_sum, grad_var, grad_var_mean = _moments(grads, n)
-    stats = BatchStats(
-        batch_size=jnp.asarray(n),
-        loss_mean=loss_mean,
-        loss_var=loss_var,
-        grad_mean=grad_mean,
-        grad_sq_sum=grad_sq_sum,
-        grad_var=grad_var,
-        grad_var_mean=grad_var_mean,
+    full = jax.tree_util.tree_map(
+        lambda x: x[: num_full * chunk].reshape((num_full, chunk) + x.shape[1:]), batch
     )
-    if hvps is not None:
-        hvp_mean, hvp_sq_sum, hvp_var, hvp_var_mean = _moments(hvps, n)
-        stats = stats._replace(
-            hvp_mean=hvp_mean, hvp_sq_sum=hvp_sq_sum, hvp_var=hvp_var, hvp_var_mean=hvp_var_mean
-        )
-    return stats
+    shapes = jax.eval_shape(chunk_stats, take(0, chunk))
+    # Zero count is the identity of the merge, so the scan starts from zeros.
+    acc = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    )
+
+    def merge_all(acc, new):
+        return tuple(None if a is None else merge_moments(a, b) for a, b in zip(acc, new))
+
+    def body(acc, chunk_batch):
+        return merge_all(acc, chunk_stats(chunk_batch)), None
+
+    acc, _ = jax.lax.scan(body, acc, full)
+    if remainder:
+        acc = merge_all(acc, chunk_stats(take(num_full * chunk, remainder)))
+    return acc

@@ -1,0 +1,219 @@
+"""The ``probopt`` command line: ``probopt compare`` and ``probopt bench``.
+
+``probopt compare`` with no arguments runs the default comparison (Meka,
+AdaMeka, Meka+PI, LODO and the optax baselines on the noisy quadratic,
+3 seeds), prints a results table and writes a PNG plot and NetCDF traces under
+``runs/compare``.  ``probopt bench`` lists or runs ``examples/bench_*.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+DEFAULT_OPTIMIZERS = "meka,adameka,meka-pi,lodo,sgd,adam,prodigy,dog,schedule-free"
+DEFAULT_PROBLEM = "noisy-quadratic"
+DEFAULT_SEEDS = 3
+DEFAULT_OUTPUT = os.path.join("runs", "compare")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _epilog() -> str:
+    from .benchmark._registry import OPTIMIZERS
+    from .benchmark._workloads import WORKLOADS
+
+    lines = ["optimizers:"]
+    lines += [f"  {name:<14} {spec.description}" for name, spec in OPTIMIZERS.items()]
+    lines += ["", "problems:"]
+    lines += [f"  {name}" for name in WORKLOADS]
+    lines += [
+        "",
+        "outputs (in --output-dir): results.md (the table), compare.png (objective",
+        "against steps and wall time), traces/<optimizer>.nc (ArviZ InferenceData:",
+        "filter_state, observed_data; open with probopt.inspect.load_inference_data).",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``probopt`` command."""
+    parser = argparse.ArgumentParser(
+        prog="probopt",
+        description="Self-tuning probabilistic optimizers: compare them and run benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{compare,bench}")
+
+    compare = sub.add_parser(
+        "compare",
+        help="run optimizers on a problem over seeds; print a table, save a plot and traces",
+        description=(
+            "Run each optimizer on one problem for several seeds (vmapped, jitted lax.scan), "
+            "print a results table (final and best objective, steps to target, wall time per "
+            "step and its ratio to SGD measured in the same run), and save a PNG plot and one "
+            "NetCDF trace per optimizer."
+        ),
+        formatter_class=_Formatter,
+        epilog=_epilog(),
+    )
+    compare.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem to optimize (see the list below)")
+    compare.add_argument(
+        "--optimizers",
+        default=None,
+        help=(
+            "comma-separated optimizer names (see the list below); by default "
+            f"{DEFAULT_OPTIMIZERS}, skipping any whose module is not installed"
+        ),
+    )
+    compare.add_argument("--steps", type=int, default=None, help="optimization steps (default: the problem's)")
+    compare.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds (independent runs)")
+    compare.add_argument(
+        "--batch-size", type=int, default=None, help="minibatch size (default: the problem's)"
+    )
+    compare.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="objective value for the 'steps to target' column (default: the problem's)",
+    )
+    compare.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="folder for results.md, compare.png, traces/")
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compare.add_argument(
+        "--max-trace-size",
+        type=int,
+        default=4096,
+        help="state arrays with more numbers than this per step are left out of the traces",
+    )
+
+    bench = sub.add_parser(
+        "bench",
+        help="list or run the performance benchmarks examples/bench_*.py",
+        description="Run examples/bench_<name>.py (all of them without a name); --list only lists them.",
+        formatter_class=_Formatter,
+    )
+    bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"probopt: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_positive(value: int | None, flag: str) -> str | None:
+    if value is not None and value < 1:
+        return f"{flag} must be a positive integer; got {value}."
+    return None
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """The ``compare`` subcommand; returns the exit code."""
+    from .benchmark._registry import OPTIMIZERS, UnavailableError, UnknownNameError, parse_names
+    from .benchmark._workloads import WORKLOADS
+
+    if args.problem not in WORKLOADS:
+        return _error(f"unknown problem {args.problem!r}; choose from: {', '.join(WORKLOADS)}.")
+    default_set = args.optimizers is None
+    try:
+        names = parse_names(DEFAULT_OPTIMIZERS if default_set else args.optimizers, OPTIMIZERS, "optimizer")
+    except UnknownNameError as error:
+        return _error(str(error))
+    for value, flag in ((args.steps, "--steps"), (args.seeds, "--seeds"), (args.batch_size, "--batch-size")):
+        problem = _check_positive(value, flag)
+        if problem:
+            return _error(problem)
+
+    from .benchmark._compare import compare
+    from .benchmark._report import format_skipped, plot_comparison, results_table, save_traces
+    from .benchmark._workloads import make_workload
+
+    try:
+        workload = make_workload(args.problem)
+    except ImportError as error:
+        return _error(f"problem {args.problem!r} is not available in this installation: {error}")
+    steps = args.steps or workload.default_steps
+    batch_size = args.batch_size or workload.default_batch_size
+    print(
+        f"probopt compare: {workload.name} ({workload.description}); {len(names)} optimizers, "
+        f"{steps} steps, {args.seeds} seeds, batch size {batch_size}",
+        flush=True,
+    )
+    try:
+        result = compare(
+            workload,
+            names,
+            steps=steps,
+            seeds=args.seeds,
+            batch_size=batch_size,
+            target=args.target,
+            skip_unavailable=default_set,
+            progress_bar=not args.no_progress,
+            max_trace_size=args.max_trace_size,
+        )
+    except UnavailableError as error:
+        return _error(str(error))
+    if result.skipped:
+        print(format_skipped(result), file=sys.stderr)
+    if not result.runs:
+        return _error("no optimizer could be run.")
+
+    table = results_table(result)
+    print(table)
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"# {workload.name}: {steps} steps, {args.seeds} seeds, batch size {batch_size}\n\n")
+        handle.write(table + "\n")
+    plot_path = os.path.join(out, "compare.png")
+    plot_comparison(result, plot_path)
+    trace_paths = save_traces(result, os.path.join(out, "traces"))
+    print(f"\nwrote {os.path.join(out, 'results.md')}, {plot_path} and {len(trace_paths)} traces in "
+          f"{os.path.join(out, 'traces')}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The ``bench`` subcommand; returns the exit code (the first failing script's)."""
+    from .benchmark._bench import examples_directory, list_benchmarks, run_benchmark
+
+    available = list_benchmarks()
+    if args.list or not available:
+        if not available:
+            print(f"no benchmark scripts (bench_*.py) in {examples_directory()}")
+            return 0 if args.list else 1
+        for name, path in available.items():
+            print(f"{name:<24} {path}")
+        return 0
+    names = args.names or list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        return _error(f"unknown benchmark {', '.join(map(repr, unknown))}; choose from: {', '.join(available)}.")
+    status = 0
+    for name in names:
+        print(f"== bench {name} ({available[name]})", flush=True)
+        code = run_benchmark(available[name])
+        if code != 0:
+            print(f"probopt: bench {name} failed with exit code {code}", file=sys.stderr)
+            status = status or code
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``probopt`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        # `probopt` alone runs the default comparison, like `probopt compare`.
+        args = parser.parse_args(["compare"])
+    if args.command == "compare":
+        return run_compare(args)
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Optimizers whose state is a probabilistic model, as optax transformations."""
+
+from ._meka import MekaState as MekaState
+from ._meka import adameka as adameka
+from ._meka import hvp_direction as hvp_direction
+from ._meka import make_step as make_step
+from ._meka import meka as meka
+from ._step_size import ConstantStepSize as ConstantStepSize
+from ._step_size import StepSizeContext as StepSizeContext
+from ._step_size import StepSizeRule as StepSizeRule
+
+__all__ = [
+    "ConstantStepSize",
+    "MekaState",
+    "StepSizeContext",
+    "StepSizeRule",
+    "adameka",
+    "hvp_direction",
+    "make_step",
+    "meka",
+]

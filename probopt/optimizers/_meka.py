@@ -1,0 +1,421 @@
+r"""Meka and AdaMeka: optax optimizers that step along a Kalman-filtered gradient.
+
+Each update conditions the gradient belief (a
+`GradientFilter`) on the minibatch statistics at
+$\theta_t$, forms a direction $u_t$ from the posterior and steps
+$\theta_{t+1} = \theta_t - \alpha_t u_t$:
+
+- Meka: $u_t = m_t$ (the posterior mean of $\nabla f(\theta_t)$);
+- AdaMeka: $u_t = m_t / (\sqrt{m_t^2 + \operatorname{diag} P_t} + \epsilon)$,
+  an Adam-like direction whose second moment is the posterior one.
+
+The step length $\alpha_t$ comes from a `StepSizeRule` (a constant, or a
+probabilistic rule).
+
+Reference: Chen, Choi, Balles, Duvenaud, Hennig, *Self-Tuning Stochastic
+Optimization with Curvature-Aware Gradient Filtering*, ICBINB 2020
+(arXiv:2011.04803), Sections 2-4.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import stats as stats_module
+from .._validation import check_same_structure
+from ..filters import GaussianBelief
+from ..filters._gradient import GradientFilter, NoiseEstimate
+from ..stats import BatchStats
+from ._step_size import ConstantStepSize, StepSizeContext, StepSizeRule
+
+PROBABILISTIC_STEP_SIZES = ("pi", "ei", "quadratic")
+
+
+class MekaState(NamedTuple):
+    r"""State of [`meka`][probopt.optimizers.meka] and [`adameka`][probopt.optimizers.adameka].
+
+    All beliefs are `GaussianBelief`s, so every quantity can be sampled or
+    scored as a NumPyro distribution, e.g. ``state.belief.distribution()``
+    (the gradient posterior) or ``state.predicted.distribution()``.
+
+    **Attributes:**
+
+    - ``count``: number of updates done so far, ``int32`` shape ``()``.
+    - ``belief``: gradient posterior $\mathcal N(m_t, P_t)$ after the last update
+      (the prior $\mathcal N(0, p_0 I)$ before the first).  With
+      ``filter=False`` it is the observation $\mathcal N(g_t, \Sigma_t)$.
+    - ``predicted``: the prediction $\mathcal N(m_t^-, P_t^-)$ of the last update.
+    - ``gain``: the Kalman gain $k_t$ (shape ``()`` or per coordinate);
+      ``1`` with ``filter=False``.
+    - ``noise``: the smoothed noise averages $(\sigma_t, q_t)$ (a
+      `NoiseEstimate`), before the floor.
+    - ``observation_noise``: $\Sigma_t$ as used (smoothed, floored).
+    - ``process_noise``: $Q_t$ as used.
+    - ``observation_noise_estimate``: this minibatch's raw $\hat\sigma_t$.
+    - ``process_noise_estimate``: this minibatch's raw $\hat q_t$.
+    - ``previous_step``: $\delta_t = -\alpha_t u_t$, the update emitted by the
+      last call, pytree like ``params``; the next minibatch's HVP direction
+      (zeros before the first update).
+    - ``step_size``: $\alpha_t$ used by the last update, shape ``()``.
+    - ``step_size_state``: the state of the step-size rule.
+    """
+
+    count: jax.Array
+    belief: GaussianBelief
+    predicted: GaussianBelief
+    gain: Any
+    noise: NoiseEstimate
+    observation_noise: Any
+    process_noise: Any
+    observation_noise_estimate: Any
+    process_noise_estimate: Any
+    previous_step: Any
+    step_size: jax.Array
+    step_size_state: Any
+
+    def predictive_observation(self) -> GaussianBelief:
+        r"""The predictive distribution of the last observed gradient, $\mathcal N(m_t^-, P_t^- + \Sigma_t)$.
+
+        Useful for calibration checks: the observed $g_t$ should look like a
+        draw from it.
+        """
+        predicted = self.predicted
+        if predicted.structure == "scalar":
+            variance = predicted.variance + self.observation_noise
+        else:
+            variance = jax.tree_util.tree_map(jnp.add, predicted.variance, self.observation_noise)
+        return GaussianBelief(mean=predicted.mean, variance=variance, structure=predicted.structure)
+
+
+def _as_step_size_rule(learning_rate: Any, step_size_options: dict | None) -> StepSizeRule:
+    if isinstance(learning_rate, StepSizeRule):
+        if step_size_options:
+            raise ValueError(
+                "`step_size_options` only applies to a string `learning_rate`; "
+                "configure the StepSizeRule instance directly instead."
+            )
+        return learning_rate
+    if isinstance(learning_rate, str):
+        if learning_rate not in PROBABILISTIC_STEP_SIZES:
+            raise ValueError(
+                f"`learning_rate` string must be one of {PROBABILISTIC_STEP_SIZES}; "
+                f"got {learning_rate!r}."
+            )
+        # Lazy: the probabilistic rules are only needed when asked for.
+        from ._probabilistic_step import ProbabilisticStepSize
+
+        return ProbabilisticStepSize(acquisition=learning_rate, **(step_size_options or {}))
+    if step_size_options:
+        raise ValueError("`step_size_options` only applies to a string `learning_rate`.")
+    if callable(learning_rate):
+        raise TypeError(
+            "`learning_rate` must be a number, a StepSizeRule or one of "
+            f"{PROBABILISTIC_STEP_SIZES}; got the callable {learning_rate!r}. For an optax "
+            "schedule use `optax.inject_hyperparams(meka)(learning_rate=schedule)`."
+        )
+    try:
+        value = jnp.asarray(learning_rate)
+    except TypeError as error:
+        raise TypeError(
+            "`learning_rate` must be a number, a StepSizeRule or one of "
+            f"{PROBABILISTIC_STEP_SIZES}; got {type(learning_rate).__name__}."
+        ) from error
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.number):
+        raise ValueError(f"`learning_rate` must be a scalar number; got shape {value.shape}.")
+    return ConstantStepSize(learning_rate=value)
+
+
+def _dtype_of(tree: Any) -> Any:
+    return jnp.result_type(*jax.tree_util.tree_leaves(tree))
+
+
+def _adam_direction(belief: GaussianBelief, epsilon: Any) -> Any:
+    variance = belief.marginal_variance()
+    return jax.tree_util.tree_map(
+        lambda m, v: m / (jnp.sqrt(m**2 + v) + jnp.asarray(epsilon).astype(m.dtype)),
+        belief.mean,
+        variance,
+    )
+
+
+def _filtered_optimizer(
+    learning_rate: Any,
+    *,
+    adaptive: bool,
+    epsilon: Any,
+    prior_variance: Any,
+    noise_decay: Any,
+    process_noise_decay: Any,
+    noise_floor: Any,
+    covariance: str,
+    filter: bool,
+    step_size_options: dict | None,
+) -> optax.GradientTransformationExtraArgs:
+    rule = _as_step_size_rule(learning_rate, step_size_options)
+    gradient_filter = GradientFilter(
+        prior_variance=prior_variance,
+        noise_decay=noise_decay,
+        process_noise_decay=process_noise_decay,
+        noise_floor=noise_floor,
+        covariance=covariance,
+    )
+    use_filter = bool(filter)
+
+    def init_fn(params: Any) -> MekaState:
+        belief = gradient_filter.init(params)
+        noise = gradient_filter.init_noise(params)
+        dtype = _dtype_of(params)
+        zero_gain = noise.observation_noise
+        return MekaState(
+            count=jnp.zeros((), jnp.int32),
+            belief=belief,
+            predicted=belief,
+            gain=zero_gain,
+            noise=noise,
+            observation_noise=noise.observation_noise,
+            process_noise=noise.process_noise,
+            observation_noise_estimate=noise.observation_noise,
+            process_noise_estimate=noise.process_noise,
+            previous_step=jax.tree_util.tree_map(jnp.zeros_like, params),
+            step_size=jnp.zeros((), dtype),
+            step_size_state=rule.init(params),
+        )
+
+    def update_fn(updates, state, params=None, *, stats=None, **extra_args):
+        del extra_args  # other transformations' extra arguments are not ours
+        if stats is None:
+            raise TypeError(
+                "Meka's `update` requires the keyword argument `stats` (a "
+                "probopt.stats.BatchStats of the minibatch at the current params, with "
+                "`direction=state.previous_step` for the Hessian-vector product): call "
+                "`opt.update(grads, state, params, stats=stats)` or use `make_step`."
+            )
+        if not isinstance(stats, BatchStats):
+            raise TypeError(
+                f"`stats` must be a probopt.stats.BatchStats; got {type(stats).__name__}."
+            )
+        if not isinstance(state, MekaState):
+            raise TypeError(f"`state` must be a MekaState; got {type(state).__name__}.")
+        check_same_structure(state.belief.mean, updates, "state.belief.mean", "updates")
+        # The (possibly transformed) incoming gradient is the observation g_t.
+        observed = stats._replace(grad_mean=updates)
+        posterior, noise, info = gradient_filter.update(state.belief, observed, state.noise, state.count)
+        gain = info.gain
+        if not use_filter:
+            # Ablation: the belief is the observation itself, N(g_t, Sigma_t).
+            posterior = GaussianBelief(
+                mean=jax.tree_util.tree_map(
+                    lambda g, m: jnp.asarray(g).astype(m.dtype), updates, state.belief.mean
+                ),
+                variance=info.observation_noise,
+                structure=gradient_filter.covariance,
+            )
+            gain = jax.tree_util.tree_map(jnp.ones_like, info.gain)
+        direction = _adam_direction(posterior, epsilon) if adaptive else posterior.mean
+        context = StepSizeContext(
+            direction=direction,
+            previous_belief=state.belief,
+            belief=posterior,
+            previous_step=state.previous_step,
+            stats=stats,
+            process_noise=info.process_noise,
+            observation_noise=info.observation_noise,
+            count=state.count,
+        )
+        alpha, step_size_state = rule(state.step_size_state, context)
+        alpha = jnp.asarray(alpha).astype(state.step_size.dtype)
+        step = jax.tree_util.tree_map(lambda u: (-alpha * u).astype(u.dtype), direction)
+        new_state = MekaState(
+            count=optax.safe_increment(state.count),
+            belief=posterior,
+            predicted=info.predicted,
+            gain=gain,
+            noise=noise,
+            observation_noise=info.observation_noise,
+            process_noise=info.process_noise,
+            observation_noise_estimate=info.observation_noise_estimate,
+            process_noise_estimate=info.process_noise_estimate,
+            previous_step=step,
+            step_size=alpha,
+            step_size_state=step_size_state,
+        )
+        return step, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def meka(
+    learning_rate: Any,
+    *,
+    prior_variance: float = 1e4,
+    noise_decay: float = 0.999,
+    process_noise_decay: float = 0.0,
+    noise_floor: float = 1e-12,
+    covariance: str = "scalar",
+    filter: bool = True,
+    step_size_options: dict | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Meka: step along the Kalman-filtered gradient, $\theta_{t+1} = \theta_t - \alpha_t m_t$.
+
+    The optimizer's ``update(grads, state, params, *, stats)`` conditions the
+    gradient belief on the minibatch at $\theta_t$ and returns
+    ``updates = -alpha * m``.  ``stats`` is keyword-only and required: the
+    `BatchStats` of the same minibatch, computed with
+    ``direction=state.previous_step`` so that ``stats.hvp_mean`` is
+    $B_t\delta_{t-1}$ (see `make_step`, which wires this up).  ``grads`` is
+    the observation $g_t$ (normally ``stats.grad_mean``).  Other extra
+    arguments are ignored, so Meka works inside ``optax.chain``; transforms
+    chained *after* Meka change the step actually taken, and the HVP
+    direction stored in the state (Meka's own update) would then differ from
+    it.
+
+    **Arguments:**
+
+    - ``learning_rate``: the step length $\alpha$: a number (constant step), a
+      `StepSizeRule` instance, or ``"pi"``, ``"ei"``, ``"quadratic"`` for the
+      probabilistic rules (``ProbabilisticStepSize(acquisition=...)``,
+      configured by ``step_size_options``).  Under
+      ``optax.inject_hyperparams`` a number may be scheduled; pass a
+      `StepSizeRule` there with ``static_args="learning_rate"``.
+    - ``prior_variance``: $p_0$ of the prior $\mathcal N(0, p_0 I)$ (``1e4``).
+    - ``noise_decay``: EMA decay of the observation-noise estimate (``0.999``).
+    - ``process_noise_decay``: EMA decay of the process-noise estimate (``0``).
+    - ``noise_floor``: lower bound on the observation noise (``1e-12``).
+    - ``covariance``: ``"scalar"`` (the paper's default) or ``"diagonal"``.
+    - ``filter``: ``False`` gives the unfiltered ablation $m_t = g_t$ (SGD with
+      Meka's step-size machinery).
+    - ``step_size_options``: keyword arguments for the probabilistic step size.
+
+    See `GradientFilter` for the noise conventions, smoothing and floor.
+
+    **Returns:** an ``optax.GradientTransformationExtraArgs`` with state
+    [`MekaState`][probopt.optimizers.MekaState].
+    """
+    return _filtered_optimizer(
+        learning_rate,
+        adaptive=False,
+        epsilon=0.0,
+        prior_variance=prior_variance,
+        noise_decay=noise_decay,
+        process_noise_decay=process_noise_decay,
+        noise_floor=noise_floor,
+        covariance=covariance,
+        filter=filter,
+        step_size_options=step_size_options,
+    )
+
+
+def adameka(
+    learning_rate: Any,
+    *,
+    epsilon: float = 1e-8,
+    prior_variance: float = 1e4,
+    noise_decay: float = 0.999,
+    process_noise_decay: float = 0.0,
+    noise_floor: float = 1e-12,
+    covariance: str = "scalar",
+    filter: bool = True,
+    step_size_options: dict | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaMeka: Meka with the Adam-like direction $u_t = m_t / (\sqrt{m_t^2 + \operatorname{diag} P_t} + \epsilon)$.
+
+    The denominator uses the posterior second moment
+    $\mathbb E[(\nabla f)^2] = m_t^2 + \operatorname{diag} P_t$ (Chen et al.,
+    2020, Eq. 9), so no moving averages of squared gradients are needed.  With
+    scalar covariance $\operatorname{diag}P_t = p_t$.
+
+    **Arguments:** as [`meka`][probopt.optimizers.meka], plus
+
+    - ``epsilon``: $\epsilon$ in the denominator (``1e-8``).
+
+    **Returns:** an ``optax.GradientTransformationExtraArgs`` with state
+    [`MekaState`][probopt.optimizers.MekaState].
+    """
+    return _filtered_optimizer(
+        learning_rate,
+        adaptive=True,
+        epsilon=epsilon,
+        prior_variance=prior_variance,
+        noise_decay=noise_decay,
+        process_noise_decay=process_noise_decay,
+        noise_floor=noise_floor,
+        covariance=covariance,
+        filter=filter,
+        step_size_options=step_size_options,
+    )
+
+
+def hvp_direction(opt_state: Any) -> Any:
+    r"""The direction for the next Hessian-vector product: $\delta_{t-1}$ from a Meka state.
+
+    Searches ``opt_state`` (which may be a `MekaState` or contain one, e.g.
+    inside ``optax.chain`` or ``optax.inject_hyperparams``) and returns its
+    ``previous_step``; returns ``None`` when there is no Meka state (plain
+    optax optimizers need no HVP).
+
+    **Raises:** ``ValueError`` if the state holds more than one `MekaState`.
+    """
+    found = [
+        node
+        for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, MekaState))
+        if isinstance(node, MekaState)
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(
+            f"`opt_state` holds {len(found)} MekaStates; pass `direction=` to make_step "
+            "to choose which previous step drives the Hessian-vector product."
+        )
+    return found[0].previous_step
+
+
+def make_step(
+    optimizer: optax.GradientTransformation,
+    per_example_loss: Callable[[Any, Any], jax.Array],
+    *,
+    batch_stats_options: dict | None = None,
+    direction: Callable[[Any], Any] = hvp_direction,
+) -> Callable[[Any, Any, Any], tuple[Any, Any, BatchStats]]:
+    r"""A jitted training step: ``batch_stats`` $\to$ ``optimizer.update`` $\to$ ``apply_updates``.
+
+    ```python
+    step = make_step(meka(0.1), per_example_loss)
+    opt_state = optimizer.init(params)
+    params, opt_state, stats = step(params, opt_state, batch)
+    ```
+
+    **Arguments:**
+
+    - ``optimizer``: any optax transformation; extra arguments are passed as
+      ``stats=`` and ignored by transformations that do not take them.
+    - ``per_example_loss``: ``per_example_loss(params, batch) -> (n,)``, one
+      loss per example (not averaged).
+    - ``batch_stats_options``: keyword arguments for ``probopt.stats.batch_stats``
+      (e.g. ``{"method": "fast"}`` where supported).
+    - ``direction``: ``direction(opt_state)`` returns the HVP direction
+      $\delta_{t-1}$ or ``None``; the default `hvp_direction` finds the
+      ``previous_step`` of the Meka state and gives ``None`` for other optimizers.
+
+    **Returns:** ``step(params, opt_state, batch) -> (params, opt_state, stats)``.
+    """
+    if not callable(per_example_loss):
+        raise TypeError("`per_example_loss` must be callable: per_example_loss(params, batch) -> (n,).")
+    if not hasattr(optimizer, "update") or not hasattr(optimizer, "init"):
+        raise TypeError("`optimizer` must be an optax GradientTransformation.")
+    options = dict(batch_stats_options or {})
+    transformation = optax.with_extra_args_support(optimizer)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        stats = stats_module.batch_stats(
+            per_example_loss, params, batch, direction=direction(opt_state), **options
+        )
+        updates, opt_state = transformation.update(stats.grad_mean, opt_state, params, stats=stats)
+        return optax.apply_updates(params, updates), opt_state, stats
+
+    return step

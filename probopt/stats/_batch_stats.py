@@ -1,0 +1,241 @@
+"""``batch_stats``: one pass for per-example loss, gradient and HVP moments."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._validation import check_same_structure
+from ._fast import FastPlan, discover, fast_pass
+from ._generic import check_per_example_loss, generic_moments
+from ._moments import sample_variance
+from ._types import BatchStats
+
+_METHODS = ("auto", "generic", "fast")
+
+
+def _check_params(params: Any, name: str) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
+        raise ValueError(f"`{name}` has no array leaves to differentiate.")
+    for path, leaf in leaves:
+        if not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)):
+            raise TypeError(
+                f"`{name}` leaf {jax.tree_util.keystr(path)} must be a floating-point array, got "
+                f"{type(leaf).__name__}; split non-trainable parts off first, e.g. with "
+                "`equinox.partition(model, equinox.is_inexact_array)`."
+            )
+
+
+def _uncovered_names(params: Any, plan: FastPlan) -> list[str]:
+    covered = set(plan.covered)
+    paths = jax.tree_util.tree_leaves_with_path(params)
+    return [jax.tree_util.keystr(path) for i, (path, _) in enumerate(paths) if i not in covered]
+
+
+def batch_stats(
+    per_example_loss: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    direction: Any = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    per_parameter: bool = True,
+) -> BatchStats:
+    r"""Per-example loss, gradient and Hessian-vector-product moments of a minibatch.
+
+    With $\ell_i(\theta)$ the loss of example $i$, $g_i=\nabla\ell_i$ and
+    $h_i = H_i\delta = \nabla^2\ell_i\,\delta$, this returns (all in one pass)
+
+    - ``loss_mean`` $=\frac1n\sum_i\ell_i$, ``loss_var`` $=\frac1{n-1}\sum_i(\ell_i-\bar\ell)^2$;
+    - ``grad_mean`` $=\bar g=\frac1n\sum_i g_i$ (the minibatch gradient);
+    - ``grad_sq_sum`` $=\sum_i g_i^2$ and ``grad_var`` $=\frac1{n-1}\sum_i(g_i-\bar g)^2$,
+      per parameter;
+    - ``grad_var_mean`` $=\frac1D\sum_{j=1}^D$ ``grad_var``$_j$, the scalar
+      per-example variance averaged over all $D$ coordinates;
+    - with ``direction``: ``hvp_mean`` $=\frac1n\sum_i h_i = H\delta$ and
+      ``hvp_sq_sum``, ``hvp_var``, ``hvp_var_mean`` defined like the gradient ones.
+
+    **Conventions.** Variances are of a *single example* (unbiased, divisor
+    $n-1$); the variance of the minibatch mean, e.g. Meka's observation
+    noise, is ``var / n``.  For ``n == 1`` the sample variance is undefined and
+    every ``*_var`` field is reported as exactly ``0`` (never NaN); consumers
+    then rely on their own documented noise floors.  All statistics are sums
+    or means over the batch axis, so under data-parallel sharding XLA reduces
+    them across devices.
+
+    **Paths.**
+
+    - *Fast* (``method="fast"``, or ``"auto"`` when the model has instrumented
+      layers): layers from [`probopt.stats`][probopt.stats.instrument]
+      (``Linear``, ``Conv1d``/``Conv2d``, ``LayerNorm``, ``GroupNorm``,
+      ``Embedding``) reduce closed-form per-example factors; cost about one
+      gradient (two with ``direction``) plus a few matmuls, memory
+      $O(n\cdot\text{widths})$.  Leaves of ``params`` that no instrumented
+      layer owns (other layers, free parameters, tied weights) are handled by
+      the generic path **for those leaves only**, in the same call.  The fast
+      path needs every $\ell_i$ to depend on example $i$ only (no BatchNorm),
+      the model to be mapped over examples by one ``jax.vmap`` inside
+      ``per_example_loss``, and an instrumented layer's parameters not to be
+      used outside that layer.  Variances come from $\sum_i g_i^2-n\bar g^2$
+      clamped at $0$, which loses relative accuracy in float32 when
+      $|\bar g|$ dwarfs the spread; use float64 or ``method="generic"`` then.
+    - *Generic* (``method="generic"``, or ``"auto"`` without instrumented
+      layers): ``vmap`` over examples of ``jvp(value_and_grad)``, in chunks of
+      ``chunk_size`` examples reduced by ``lax.scan`` with Chan's stable
+      merge; memory $O(\text{chunk\_size}\cdot P)$, any JAX function.
+
+    **Arguments:**
+
+    - `per_example_loss`: ``per_example_loss(params, batch) -> losses`` of shape
+      ``(n,)``, one loss per example (not their mean).
+    - `params`: pytree of floating-point arrays (e.g. an Equinox model whose
+      leaves are all arrays).
+    - `batch`: pytree of arrays sharing a leading batch axis of size ``n``.
+    - `direction`: optional pytree like ``params``, the vector $\delta$ of the HVPs.
+    - `chunk_size`: examples per chunk of the generic path (``None``: all at
+      once).  Bounds its memory; does not change the result beyond rounding.
+    - `method`: ``"auto"``, ``"fast"`` (raise ``ValueError`` if some leaf of
+      ``params`` is not owned by an instrumented layer) or ``"generic"``.
+    - `per_parameter`: if ``False``, only the scalar ``*_var_mean`` fields are
+      computed and ``grad_sq_sum``, ``grad_var``, ``hvp_sq_sum``, ``hvp_var``
+      are ``None`` (cheaper: the fast path then needs only per-example norms).
+
+    **Returns:** a [`BatchStats`][probopt.stats.BatchStats] whose arrays have the
+    dtype of ``params``.
+
+    **Raises:** ``ValueError`` if the loss is not per-example (e.g. returns a
+    scalar), the batch leaves disagree on their size, ``direction`` does not
+    match ``params``, ``chunk_size`` is not positive or ``method`` is unknown;
+    ``TypeError`` if a leaf of ``params`` is not a floating-point array.
+
+    References: Goodfellow (2015), *Efficient per-example gradient
+    computations*, arXiv:1510.01799; Dangel et al. (2020), *BackPACK*,
+    arXiv:1912.10985; Chan, Golub & LeVeque (1979), *Updating formulae and a
+    pairwise algorithm for computing sample variances*.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
+    _check_params(params, "params")
+    if direction is not None:
+        check_same_structure(params, direction, "params", "direction")
+    n = check_per_example_loss(per_example_loss, params, batch)
+    return _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, method, per_parameter, n)
+
+
+@eqx.filter_jit
+def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, method, per_parameter, n):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    num_leaves = len(leaves)
+    plan = None if method == "generic" else discover(per_example_loss, params, batch, n)
+    if method == "fast" and len(plan.covered) < num_leaves:
+        raise ValueError(
+            "`method='fast'` needs every leaf of `params` to be owned by an instrumented "
+            "layer (see `probopt.stats.instrument`) called under one `jax.vmap` over "
+            f"examples; not covered: {', '.join(_uncovered_names(params, plan))}. "
+            "Use method='auto' to handle these leaves generically."
+        )
+    with_hvp = direction is not None
+    dtype = jnp.result_type(*leaves)
+
+    grad_mean: list = [None] * num_leaves
+    hvp_mean: list = [None] * num_leaves
+    grad_m2: list = [None] * num_leaves  # per-coordinate M2, or None for scalar-only mode
+    hvp_m2: list = [None] * num_leaves
+    grad_sq: list = [None] * num_leaves  # sum_i g_i^2 where known directly (fast path)
+    hvp_sq: list = [None] * num_leaves
+    grad_m2_total = jnp.zeros((), dtype)
+    hvp_m2_total = jnp.zeros((), dtype)
+
+    if plan is not None and plan.covered:
+        fast = fast_pass(
+            per_example_loss, params, batch, n, plan, direction=direction, per_parameter=per_parameter
+        )
+        losses = fast.losses
+        loss_mean = jnp.mean(losses)
+        loss_m2 = jnp.sum((losses - loss_mean) ** 2)
+        grad_mean = [g / n for g in fast.grad_sum]
+        if with_hvp:
+            hvp_mean = [h / n for h in fast.hvp_sum]
+        # sum_i (x_i - mean)^2 = sum_i x_i^2 - n mean^2, clamped against round-off.
+        if per_parameter:
+            for j in plan.covered:
+                grad_sq[j], hvp_sq[j] = fast.grad_sq[j], fast.hvp_sq.get(j)
+                grad_m2[j] = jnp.maximum(fast.grad_sq[j] - n * grad_mean[j] ** 2, 0)
+                grad_m2_total = grad_m2_total + jnp.sum(grad_m2[j])
+                if with_hvp:
+                    hvp_m2[j] = jnp.maximum(fast.hvp_sq[j] - n * hvp_mean[j] ** 2, 0)
+                    hvp_m2_total = hvp_m2_total + jnp.sum(hvp_m2[j])
+        else:
+            grad_mean_sq = sum(jnp.sum(grad_mean[j] ** 2) for j in plan.covered)
+            grad_m2_total = jnp.maximum(fast.grad_norm2_sum - n * grad_mean_sq, 0)
+            if with_hvp:
+                hvp_mean_sq = sum(jnp.sum(hvp_mean[j] ** 2) for j in plan.covered)
+                hvp_m2_total = jnp.maximum(fast.hvp_norm2_sum - n * hvp_mean_sq, 0)
+        rest = [j for j in range(num_leaves) if j not in set(plan.covered)]
+        if rest:
+            _, grad_mom, hvp_mom = generic_moments(
+                per_example_loss, params, batch, n, direction=direction,
+                chunk_size=chunk_size, per_parameter=per_parameter, select=rest,
+            )
+            for k, j in enumerate(rest):
+                grad_m2_total = grad_m2_total + jnp.sum(grad_mom.m2[k])
+                if per_parameter:
+                    grad_m2[j] = grad_mom.m2[k]
+                if with_hvp:
+                    hvp_m2_total = hvp_m2_total + jnp.sum(hvp_mom.m2[k])
+                    if per_parameter:
+                        hvp_m2[j] = hvp_mom.m2[k]
+    else:
+        loss_mom, grad_mom, hvp_mom = generic_moments(
+            per_example_loss, params, batch, n, direction=direction,
+            chunk_size=chunk_size, per_parameter=per_parameter,
+        )
+        loss_mean, loss_m2 = loss_mom.mean[0], loss_mom.m2[0]
+        grad_mean = list(grad_mom.mean)
+        grad_m2_total = sum(jnp.sum(m) for m in grad_mom.m2)
+        if per_parameter:
+            grad_m2 = list(grad_mom.m2)
+        if with_hvp:
+            hvp_mean = list(hvp_mom.mean)
+            hvp_m2_total = sum(jnp.sum(m) for m in hvp_mom.m2)
+            if per_parameter:
+                hvp_m2 = list(hvp_mom.m2)
+
+    num_coords = sum(leaf.size for leaf in leaves)
+    unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+
+    def field(m2, mean, sq):
+        """(sq_sum, var) pytrees from per-coordinate M2, or (None, None)."""
+        if not per_parameter:
+            return None, None
+        sq_sum = unflatten([cast(m + n * mu**2 if s is None else s) for m, mu, s in zip(m2, mean, sq)])
+        var = unflatten([cast(sample_variance(m, n)) for m in m2])
+        return sq_sum, var
+
+    grad_sq_sum, grad_var = field(grad_m2, grad_mean, grad_sq)
+    stats = BatchStats(
+        batch_size=jnp.asarray(n),
+        loss_mean=cast(loss_mean),
+        loss_var=cast(sample_variance(loss_m2, n)),
+        grad_mean=unflatten([cast(g) for g in grad_mean]),
+        grad_sq_sum=grad_sq_sum,
+        grad_var=grad_var,
+        grad_var_mean=cast(sample_variance(grad_m2_total, n) / num_coords),
+    )
+    if with_hvp:
+        hvp_sq_sum, hvp_var = field(hvp_m2, hvp_mean, hvp_sq)
+        stats = stats._replace(
+            hvp_mean=unflatten([cast(h) for h in hvp_mean]),
+            hvp_sq_sum=hvp_sq_sum,
+            hvp_var=hvp_var,
+            hvp_var_mean=cast(sample_variance(hvp_m2_total, n) / num_coords),
+        )
+    return stats
