@@ -5,18 +5,30 @@ For each workload this times, after jit warm-up and with ``block_until_ready``
 background load hits them alike):
 
 - ``grad``: ``jax.grad`` of the mean loss (the baseline, ratio 1);
-- ``fast``: ``batch_stats(..., direction=d, method="fast")``: gradient,
-  per-parameter and scalar $\\sum_i g_i^2$, $H\\delta$ and $\\sum_i (H_i\\delta)^2$;
+- ``grad+hvp``: ``jvp(grad)``, gradient and $H\\delta$ without any variance (the
+  floor for every variant that needs an HVP);
+- ``fast``: ``batch_stats(..., direction=d, method="fast")`` returning the
+  gradient, per-parameter and scalar $\\sum_i g_i^2$, $H\\delta$ and
+  $\\sum_i (H_i\\delta)^2$ (the issue's target quantities);
+- ``fast all``: the same call returning the whole ``BatchStats`` (adds the two
+  per-parameter variance pytrees);
 - ``fast scalar``: the same with ``per_parameter=False`` (what Meka's
   scalar-noise variant needs);
 - ``fast no-hvp``: gradient moments only;
-- ``generic``: the same statistics by ``vmap`` of ``jvp(grad)``.
+- ``generic``: the same statistics by ``vmap`` of ``jvp(grad)`` (median of 3
+  rounds, timed after the others).
 
-Peak memory is XLA's estimate for the compiled function
-(``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased),
-reported as a ratio to the plain gradient step.
+Memory is XLA's estimate for the compiled function
+(``compiled.memory_analysis()``): "peak" = arguments + outputs + temporaries
+- aliased, "temp" = the working memory alone.  Both are ratios to the plain
+gradient step.  Peak includes the statistics themselves (the fast variant
+returns six parameter-sized pytrees and takes a direction), so for a small
+model whose parameters outweigh its activations the working-memory ratio is
+the one that shows whether ``n x P`` arrays were avoided.  "min x" is the
+ratio of the fastest rounds, less sensitive to background load.
 
-Run: ``python examples/bench_batch_stats.py`` (about a minute on two CPU cores).
+Run: ``python examples/bench_batch_stats.py`` (a few minutes on two CPU cores;
+``--skip-cnn`` for the MLP alone, ``--mnist-mlp`` adds DeepOBS' larger MLP).
 """
 
 from __future__ import annotations
@@ -33,16 +45,18 @@ from models.mlp import MLP, cross_entropy
 from probopt.stats import batch_stats
 
 
-def _peak_bytes(fn, *args) -> float:
+def _memory(fn, *args) -> tuple[float, float]:
+    """(peak, temporaries) in bytes from XLA's memory analysis of the compiled function."""
     analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
     if analysis is None:
-        return float("nan")
-    return float(
+        return float("nan"), float("nan")
+    peak = (
         analysis.argument_size_in_bytes
         + analysis.output_size_in_bytes
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
+    return float(peak), float(analysis.temp_size_in_bytes)
 
 
 def _time_round_robin(fns: dict, args: tuple, repeats: int) -> dict:
@@ -56,7 +70,7 @@ def _time_round_robin(fns: dict, args: tuple, repeats: int) -> dict:
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
 def bench(title: str, model, batch, repeats: int, generic_chunk: int | None, with_generic: bool = True):
@@ -65,35 +79,48 @@ def bench(title: str, model, batch, repeats: int, generic_chunk: int | None, wit
     def grad(m, b, d):
         return jax.grad(lambda m: jnp.mean(cross_entropy(m, b)))(m)
 
-    def stats(method, per_parameter=True, use_direction=True, chunk_size=None):
+    def stats(method, per_parameter=True, use_direction=True, chunk_size=None, fields=None):
         def f(m, b, d):
-            return batch_stats(
+            s = batch_stats(
                 cross_entropy, m, b, direction=d if use_direction else None,
                 method=method, per_parameter=per_parameter, chunk_size=chunk_size,
             )
+            return s if fields is None else tuple(getattr(s, name) for name in fields)
 
         return f
 
+    def grad_and_hvp(m, b, d):
+        return jax.jvp(jax.grad(lambda m: jnp.mean(cross_entropy(m, b))), (m,), (d,))
+
+    # The issue's target quantities: gradient, scalar and per-parameter sum g^2,
+    # H delta and sum (H_i delta)^2 (the *_var pytrees are then not formed).
+    target = ("grad_mean", "grad_sq_sum", "grad_var_mean", "hvp_mean", "hvp_sq_sum", "hvp_var_mean")
     fns = {
         "grad": grad,
-        "fast": stats("fast"),
+        "grad+hvp": grad_and_hvp,
+        "fast": stats("fast", fields=target),
+        "fast all": stats("fast"),
         "fast scalar": stats("fast", per_parameter=False),
         "fast no-hvp": stats("fast", use_direction=False),
     }
-    if with_generic:
-        fns["generic"] = stats("generic", chunk_size=generic_chunk)
     args = (model, batch, direction)
     times = _time_round_robin(fns, args, repeats)
-    peaks = {name: _peak_bytes(fn, *args) for name, fn in fns.items()}
-    base_t, base_m = times["grad"], peaks["grad"]
+    if with_generic:  # hundreds of times slower: a few rounds suffice
+        fns["generic"] = stats("generic", chunk_size=generic_chunk)
+        times.update(_time_round_robin({"generic": fns["generic"]}, args, 3))
+    memory = {name: _memory(fn, *args) for name, fn in fns.items()}
+    base_t, (base_peak, base_temp) = times["grad"], memory["grad"]
+    width = max(len(name) for name in fns) + 2
     print(f"\n{title}")
-    print(f"{'variant':<14}{'median ms':>11}{'x grad':>9}{'peak MB':>10}{'x grad':>9}")
+    print(f"{'variant':<{width}}{'median ms':>11}{'x grad':>8}{'min x':>8}{'peak MB':>9}{'x grad':>8}{'temp MB':>9}{'x grad':>8}")
     for name in fns:
+        peak, temp = memory[name]
         print(
-            f"{name:<14}{1e3 * times[name]:>11.2f}{times[name] / base_t:>9.2f}"
-            f"{peaks[name] / 2**20:>10.1f}{peaks[name] / base_m:>9.2f}"
+            f"{name:<{width}}{1e3 * times[name][0]:>11.2f}{times[name][0] / base_t[0]:>8.2f}"
+            f"{times[name][1] / base_t[1]:>8.2f}{peak / 2**20:>9.2f}{peak / base_peak:>8.2f}"
+            f"{temp / 2**20:>9.2f}{temp / base_temp:>8.2f}"
         )
-    return times, peaks
+    return times, memory
 
 
 def main():

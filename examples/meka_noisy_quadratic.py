@@ -25,7 +25,6 @@ import argparse
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

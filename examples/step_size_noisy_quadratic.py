@@ -21,8 +21,12 @@ There Meka + PI uses the third-order term (App. B.2): with the default rule
 the averaged curvature lags behind the quartic growth of the function and
 the iterates diverge.
 
-Run: ``python examples/step_size_noisy_quadratic.py`` (about a minute on two
-CPU cores); writes ``docs/figures/step_size_noisy_quadratic.png``.
+Measured (5 seeds, 1000 steps): median $f - f^\star$ 2.6e-4 for Meka + PI
+against 1.7e-3 (GD), 1.8e-3 (Meka), 9.3e-2 (SGD + PI), 7.9e-2 (SGD);
+$\lambda_t > 0$ in 21% of late steps on the quadratic and 78% on Rosenbrock.
+
+Run: ``python examples/step_size_noisy_quadratic.py`` (one to two minutes on
+two CPU cores); writes ``docs/figures/step_size_noisy_quadratic.png``.
 """
 
 from __future__ import annotations

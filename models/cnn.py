@@ -19,27 +19,41 @@ import jax.numpy as jnp
 from probopt.stats import Conv2d, Linear
 
 from .mlp import accuracy as accuracy
+from .mlp import fill_leaves
 from .mlp import cross_entropy as cross_entropy
 
 
-def _glorot(layer, key):
-    """Glorot-uniform weights (fans include the receptive field) and zero bias."""
-    shape = layer.weight.shape
+def _glorot_limit(weight) -> float:
+    """Glorot-uniform limit $\\sqrt{6/(\\text{fan-in}+\\text{fan-out})}$, fans including the receptive field."""
     receptive = 1
-    for size in shape[2:]:
+    for size in weight.shape[2:]:
         receptive *= size
-    fan_out, fan_in = shape[0] * receptive, shape[1] * receptive
-    limit = (6.0 / (fan_in + fan_out)) ** 0.5
-    weight = jax.random.uniform(key, shape, layer.weight.dtype, -limit, limit)
-    layer = eqx.tree_at(lambda l: l.weight, layer, weight)
-    if layer.bias is not None:
-        layer = eqx.tree_at(lambda l: l.bias, layer, jnp.zeros_like(layer.bias))
-    return layer
+    fan_out, fan_in = weight.shape[0] * receptive, weight.shape[1] * receptive
+    return (6.0 / (fan_in + fan_out)) ** 0.5
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
     """3x3 max-pool, stride 2, TensorFlow ``SAME`` padding, on ``(C, H, W)``."""
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 2, 2), "SAME")
+
+
+def _init_layers(key, num_classes, use_bias, dtype):
+    def build():
+        k = jax.random.split(jax.random.key(0), 6)
+        return (
+            Conv2d(3, 64, 5, padding="VALID", use_bias=use_bias, key=k[0], dtype=dtype),
+            Conv2d(64, 96, 3, padding="VALID", use_bias=use_bias, key=k[1], dtype=dtype),
+            Conv2d(96, 128, 3, padding="SAME", use_bias=use_bias, key=k[2], dtype=dtype),
+            Linear(3 * 3 * 128, 512, use_bias=use_bias, key=k[3], dtype=dtype),
+            Linear(512, 256, use_bias=use_bias, key=k[4], dtype=dtype),
+            Linear(256, num_classes, use_bias=use_bias, key=k[5], dtype=dtype),
+        )
+
+    abstract = eqx.filter_eval_shape(build)
+    scales = []
+    for layer in abstract:  # Glorot-uniform weights, zero biases (DeepOBS)
+        scales += [_glorot_limit(layer.weight)] + ([0.0] if use_bias else [])
+    return fill_leaves(abstract, key, scales)
 
 
 class CNN3c3d(eqx.Module):
@@ -65,19 +79,7 @@ class CNN3c3d(eqx.Module):
     channels_last: bool = eqx.field(static=True)
 
     def __init__(self, *, key: jax.Array, num_classes: int = 10, use_bias: bool = True, channels_last: bool = True, dtype=None):
-        k = jax.random.split(key, 12)
-        conv = lambda i, cin, cout, size, padding: _glorot(  # noqa: E731
-            Conv2d(cin, cout, size, padding=padding, use_bias=use_bias, key=k[2 * i], dtype=dtype), k[2 * i + 1]
-        )
-        dense = lambda i, fin, fout: _glorot(  # noqa: E731
-            Linear(fin, fout, use_bias=use_bias, key=k[2 * i], dtype=dtype), k[2 * i + 1]
-        )
-        self.conv1 = conv(0, 3, 64, 5, "VALID")
-        self.conv2 = conv(1, 64, 96, 3, "VALID")
-        self.conv3 = conv(2, 96, 128, 3, "SAME")
-        self.fc1 = dense(3, 3 * 3 * 128, 512)
-        self.fc2 = dense(4, 512, 256)
-        self.fc3 = dense(5, 256, num_classes)
+        self.conv1, self.conv2, self.conv3, self.fc1, self.fc2, self.fc3 = _init_layers(key, num_classes, use_bias, dtype)
         self.channels_last = channels_last
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from probopt.stats import Linear
 
@@ -40,6 +41,46 @@ def accuracy(model: Callable, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
     inputs, labels = batch
     predictions = jnp.argmax(jax.vmap(model)(inputs), axis=-1)
     return jnp.mean(predictions == labels)
+
+
+def fill_leaves(abstract, key, scales, *, truncated=False):
+    """Materialise an abstract module (``ShapeDtypeStruct`` leaves) from one random draw.
+
+    Leaf ``j`` becomes ``scales[j] * u`` with ``u`` uniform on ``[-1, 1]`` (or a
+    standard normal truncated at two standard deviations); ``scales[j] == 0``
+    gives zeros.  A single draw compiles once, instead of one small program per
+    layer and shape, which keeps model construction fast.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    dtype = leaves[0].dtype
+    total = sum(leaf.size for leaf in leaves)
+    if truncated:
+        draw = jax.random.truncated_normal(key, -2.0, 2.0, (total,), dtype)
+    else:
+        draw = jax.random.uniform(key, (total,), dtype, -1.0, 1.0)
+    offsets = np.cumsum([leaf.size for leaf in leaves])[:-1].tolist()
+    pieces = jnp.split(draw, offsets)  # traceable, so models can be built under jit/vmap over seeds
+    out = [(scale * piece).reshape(leaf.shape).astype(leaf.dtype) for piece, leaf, scale in zip(pieces, leaves, scales)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _init_layers(key, widths, use_bias, init_std, dtype):
+    def build():
+        keys = jax.random.split(jax.random.key(0), len(widths) - 1)
+        return tuple(
+            Linear(fan_in, fan_out, use_bias=use_bias, key=k, dtype=dtype)
+            for k, fan_in, fan_out in zip(keys, widths[:-1], widths[1:])
+        )
+
+    abstract = eqx.filter_eval_shape(build)
+    scales = []
+    for layer in abstract:
+        fan_in = layer.weight.shape[1]
+        if init_std is None:  # Equinox's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b
+            scales += [fan_in**-0.5] * (2 if use_bias else 1)
+        else:  # DeepOBS: truncated normal weights, zero biases
+            scales += [init_std] + ([0.0] if use_bias else [])
+    return fill_leaves(abstract, key, scales, truncated=init_std is not None)
 
 
 class MLP(eqx.Module):
@@ -75,17 +116,8 @@ class MLP(eqx.Module):
         widths = tuple(int(w) for w in widths)
         if len(widths) < 2 or min(widths) < 1:
             raise ValueError(f"`widths` must list at least two positive sizes; got {widths}.")
-        keys = jax.random.split(key, 2 * (len(widths) - 1))
-        layers = []
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layer = Linear(fan_in, fan_out, use_bias=use_bias, key=keys[2 * i], dtype=dtype)
-            if init_std is not None:
-                weight = init_std * jax.random.truncated_normal(keys[2 * i + 1], -2.0, 2.0, layer.weight.shape, layer.weight.dtype)
-                layer = eqx.tree_at(lambda l: l.weight, layer, weight)
-                if use_bias:
-                    layer = eqx.tree_at(lambda l: l.bias, layer, jnp.zeros_like(layer.bias))
-            layers.append(layer)
-        self.layers = tuple(layers)
+        layers = _init_layers(key, widths, use_bias, init_std, dtype)
+        self.layers = layers
         self.activation = activation
 
     @classmethod

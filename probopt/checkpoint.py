@@ -39,7 +39,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
 
     **Arguments:**
 
-    - ``path``: file to write (parent folders are created).
+    - ``path``: file to write (parent folders are created).  The file is
+      written as ``path + ".partial"`` and then renamed, so an interrupted
+      save leaves any previous checkpoint at ``path`` intact.
     - ``tree``: any pytree of arrays, Python scalars and static data, e.g.
       ``(params, opt_state, key, step)``.
     """
@@ -47,7 +49,11 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    eqx.tree_serialise_leaves(path, _to_storable(tree))
+    # Write next to the target and rename: an interrupted save never leaves a
+    # truncated file where the previous checkpoint was.
+    partial = f"{path}.partial"
+    eqx.tree_serialise_leaves(partial, _to_storable(tree))
+    os.replace(partial, path)
 
 
 def load(path: str | os.PathLike, like: Any) -> Any:

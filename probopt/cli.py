@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 DEFAULT_OPTIMIZERS = "meka,adameka,meka-pi,lodo,sgd,adam,prodigy,dog,schedule-free"
@@ -19,8 +20,15 @@ DEFAULT_SEEDS = 3
 DEFAULT_OUTPUT = os.path.join("runs", "compare")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+_Formatter = argparse.RawDescriptionHelpFormatter
+
+_PROBLEM_HELP = {
+    "noisy-quadratic": "Meka's noisy quadratic, D=20, condition number 1e3 (default)",
+    "bowl": "isotropic noisy quadratic bowl, D=10",
+    "rosenbrock": "2-D Rosenbrock with additive gradient noise",
+    "digits-mlp": "MLP 64-100-10 on scikit-learn digits (full training loss)",
+    "mnist1d-mlp": "MLP 40-100-100-10 on locally generated MNIST-1D",
+}
 
 
 def _epilog() -> str:
@@ -30,7 +38,7 @@ def _epilog() -> str:
     lines = ["optimizers:"]
     lines += [f"  {name:<14} {spec.description}" for name, spec in OPTIMIZERS.items()]
     lines += ["", "problems:"]
-    lines += [f"  {name}" for name in WORKLOADS]
+    lines += [f"  {name:<16} {_PROBLEM_HELP.get(name, '')}" for name in WORKLOADS]
     lines += [
         "",
         "outputs (in --output-dir): results.md (the table), compare.png (objective",
@@ -51,16 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare",
         help="run optimizers on a problem over seeds; print a table, save a plot and traces",
-        description=(
+        description=textwrap.fill(
             "Run each optimizer on one problem for several seeds (vmapped, jitted lax.scan), "
             "print a results table (final and best objective, steps to target, wall time per "
             "step and its ratio to SGD measured in the same run), and save a PNG plot and one "
-            "NetCDF trace per optimizer."
+            "NetCDF trace per optimizer. Without options it runs the default comparison on the "
+            "noisy quadratic.",
+            width=78,
         ),
         formatter_class=_Formatter,
         epilog=_epilog(),
     )
-    compare.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem to optimize (see the list below)")
+    compare.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem to optimize, see the list below (default: %(default)s)")
     compare.add_argument(
         "--optimizers",
         default=None,
@@ -70,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     compare.add_argument("--steps", type=int, default=None, help="optimization steps (default: the problem's)")
-    compare.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds (independent runs)")
+    compare.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds, i.e. independent runs (default: %(default)s)")
     compare.add_argument(
         "--batch-size", type=int, default=None, help="minibatch size (default: the problem's)"
     )
@@ -80,13 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="objective value for the 'steps to target' column (default: the problem's)",
     )
-    compare.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="folder for results.md, compare.png, traces/")
+    compare.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="folder for results.md, compare.png and traces/ (default: %(default)s)")
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     compare.add_argument(
         "--max-trace-size",
         type=int,
         default=4096,
-        help="state arrays with more numbers than this per step are left out of the traces",
+        help="state arrays with more numbers than this per step are left out of the traces "
+        "(default: %(default)s)",
     )
 
     bench = sub.add_parser(

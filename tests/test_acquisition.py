@@ -74,7 +74,7 @@ def test_pi_solver_matches_grid_search_on_edge_cases(coefficients):
 
 def test_pi_solver_matches_grid_search_on_random_models():
     rng = np.random.default_rng(0)
-    for _ in range(25):
+    for _ in range(15):
         coefficients = (
             10 ** rng.uniform(-2, 2),
             rng.choice([-1, 1]) * 10 ** rng.uniform(-2, 2),
@@ -127,7 +127,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e30, max_v
 nonneg = st.floats(allow_nan=False, allow_infinity=False, min_value=0.0, max_value=1e30)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(a=finite, beta=finite, s=nonneg, p=nonneg, q=nonneg, c=nonneg)
 def test_pi_step_is_finite_and_nonnegative_for_any_finite_input(a, beta, s, p, q, c):
     solution = _pi(ValueChangeModel(a, beta, s, p, q, c))
@@ -155,10 +155,10 @@ def test_solvers_jit_and_vmap_over_models():
         jnp.asarray(rng.uniform(0.1, 1, size)),
         jnp.zeros(size),
     )
-    for acquisition in ("pi", "ei", "quadratic"):
+    # the quadratic rule has no loops to batch; the single-model solvers are the module's jitted ones
+    for acquisition, single in (("pi", _pi), ("ei", _ei)):
         solve = lambda m, a=acquisition: solve_step_size(m, a)  # noqa: E731
         batched = jax.jit(jax.vmap(solve))(batch)
-        single = jax.jit(solve)
         for i in range(size):
             expected = single(jax.tree_util.tree_map(lambda x, i=i: x[i], batch)).step_size
             np.testing.assert_allclose(batched.step_size[i], expected, rtol=1e-8)

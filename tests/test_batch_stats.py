@@ -24,33 +24,42 @@ from probopt.stats import (
 # ----------------------------------------------------------------------------- reference
 
 
-def reference_stats(per_example_loss, params, batch, direction):
-    """Explicit Python loop over examples; moments with NumPy (ddof=1)."""
+def reference_stats(per_example_loss, params, batch, direction, also=None):
+    """Explicit sequential loop (``lax.map``, no ``vmap``) over examples; NumPy moments.
+
+    ``also(params, batch, direction)``, if given, is compiled together with the
+    loop (one compilation per test keeps the suite fast) and its value returned too.
+    """
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
 
-    def single(p, i):
-        example = jax.tree_util.tree_map(lambda x: x[i : i + 1], batch)
-        return per_example_loss(p, example)[0]
+    @jax.jit
+    def run(params, batch, direction):
+        def one(i):
+            def single(p):
+                example = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1), batch)
+                return per_example_loss(p, example)[0]
 
-    losses, grads, hvps = [], [], []
-    for i in range(n):
-        loss, grad = jax.value_and_grad(single)(params, i)
-        _, hvp = jax.jvp(lambda p: jax.grad(single)(p, i), (params,), (direction,))
-        losses.append(float(loss))
-        grads.append(np.asarray(ravel_pytree(grad)[0]))
-        hvps.append(np.asarray(ravel_pytree(hvp)[0]))
-    losses, grads, hvps = np.array(losses), np.stack(grads), np.stack(hvps)
+            loss, grad = jax.value_and_grad(single)(params)
+            _, hvp = jax.jvp(jax.grad(single), (params,), (direction,))
+            return loss, ravel_pytree(grad)[0], ravel_pytree(hvp)[0]
+
+        rows = jax.lax.map(one, jnp.arange(n))
+        return rows, (None if also is None else also(params, batch, direction))
+
+    rows, extra = run(params, batch, direction)
+    losses, grads, hvps = (np.asarray(r) for r in rows)
 
     def moments(x):
         var = x.var(axis=0, ddof=1) if n > 1 else np.zeros(x.shape[1:])
         return x.mean(axis=0), (x**2).sum(axis=0), var, var.mean()
 
-    return dict(
+    ref = dict(
         loss_mean=losses.mean(),
         loss_var=losses.var(ddof=1) if n > 1 else 0.0,
         grad=moments(grads),
         hvp=moments(hvps),
     )
+    return ref if also is None else (ref, extra)
 
 
 def assert_matches(stats, ref, rtol=1e-9, atol=1e-11):
@@ -80,7 +89,7 @@ def classification_batch(key, n, shape, classes=3, dtype=jnp.float64):
 
 
 class TinyCNN(eqx.Module):
-    """Strided / same-padded / dilated convolutions, GroupNorm and a dense head."""
+    """Strided and same-padded convolutions (one with, one without bias), GroupNorm, dense head."""
 
     conv1: Conv2d
     norm: GroupNorm
@@ -91,7 +100,7 @@ class TinyCNN(eqx.Module):
         k = jax.random.split(key, 3)
         self.conv1 = Conv2d(2, 4, 3, padding="SAME", use_bias=use_bias, key=k[0])
         self.norm = GroupNorm(2, 4)
-        self.conv2 = Conv2d(4, 3, 2, stride=2, dilation=1, use_bias=use_bias, key=k[1])
+        self.conv2 = Conv2d(4, 3, 2, stride=2, use_bias=not use_bias, key=k[1])  # both bias settings in one model
         self.head = Linear(3 * 3 * 3, 3, use_bias=use_bias, key=k[2])
 
     def __call__(self, x):
@@ -143,16 +152,21 @@ def cnn_case(key, n, use_bias):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("case", [mlp_case, cnn_case], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize(
+    "case, use_bias, n",
+    [(mlp_case, True, 1), (mlp_case, False, 5), (cnn_case, True, 3)],
+    ids=["mlp-bias-1", "mlp-nobias-5", "cnn-3"],
+)
 def test_both_paths_match_per_example_loop(case, use_bias, n):
     key = jax.random.key(n)
     model, batch = case(key, n, use_bias)
     direction = random_like(model, jax.random.fold_in(key, 2))
-    ref = reference_stats(cross_entropy, model, batch, direction)
-    for method in ("fast", "generic"):
-        stats = batch_stats(cross_entropy, model, batch, direction=direction, method=method)
+
+    def both(model, batch, direction):
+        return [batch_stats(cross_entropy, model, batch, direction=direction, method=m) for m in ("fast", "generic")]
+
+    ref, results = reference_stats(cross_entropy, model, batch, direction, also=both)
+    for stats in results:
         assert int(stats.batch_size) == n
         assert_matches(stats, ref)
         if n == 1:
@@ -165,8 +179,9 @@ def test_remaining_layers_match_per_example_loop():
     model = OtherLayers(key)
     batch = tokens_batch(jax.random.fold_in(key, 1), 6)
     direction = random_like(model, jax.random.fold_in(key, 2))
-    ref = reference_stats(cross_entropy, model, batch, direction)
-    assert_matches(batch_stats(cross_entropy, model, batch, direction=direction, method="fast"), ref)
+    fast = lambda m, b, d: batch_stats(cross_entropy, m, b, direction=d, method="fast")  # noqa: E731
+    ref, stats = reference_stats(cross_entropy, model, batch, direction, also=fast)
+    assert_matches(stats, ref)
 
 
 def test_hvp_matches_jax_hessian():
@@ -176,11 +191,9 @@ def test_hvp_matches_jax_hessian():
     direction = random_like(model, jax.random.fold_in(key, 2))
     flat, unravel = ravel_pytree(model)
     v = ravel_pytree(direction)[0]
-    rows = []
-    for i in range(4):
-        loss_i = lambda w: cross_entropy(unravel(w), (inputs[i : i + 1], labels[i : i + 1]))[0]  # noqa: E731
-        rows.append(jax.hessian(loss_i)(flat) @ v)
-    rows = np.stack(rows)
+    losses = lambda w: cross_entropy(unravel(w), (inputs, labels))  # noqa: E731
+    hessians = jax.jit(jax.hessian(losses))(flat)  # (n, P, P): example i's Hessian H_i
+    rows = np.asarray(hessians @ v)
     stats = batch_stats(cross_entropy, model, (inputs, labels), direction=direction, method="fast")
     np.testing.assert_allclose(ravel_pytree(stats.hvp_mean)[0], rows.mean(0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ravel_pytree(stats.hvp_sq_sum)[0], (rows**2).sum(0), rtol=1e-9, atol=1e-12)
@@ -213,9 +226,13 @@ def test_mixed_model_is_correct_and_fast_method_refuses():
     model = Mixed(key)
     batch = classification_batch(jax.random.fold_in(key, 1), 5, (4,))
     direction = random_like(model, jax.random.fold_in(key, 2))
-    ref = reference_stats(cross_entropy, model, batch, direction)
-    assert_matches(batch_stats(cross_entropy, model, batch, direction=direction), ref)
-    assert_matches(batch_stats(cross_entropy, model, batch, direction=direction, chunk_size=2), ref)
+
+    def unchunked_and_chunked(model, batch, direction):
+        return [batch_stats(cross_entropy, model, batch, direction=direction, chunk_size=c) for c in (None, 2)]
+
+    ref, results = reference_stats(cross_entropy, model, batch, direction, also=unchunked_and_chunked)
+    for stats in results:
+        assert_matches(stats, ref)
     with pytest.raises(ValueError, match=r"not covered: .*plain.*shared.*temperature"):
         batch_stats(cross_entropy, model, batch, method="fast")
 
@@ -230,8 +247,9 @@ def test_unsupported_call_patterns_fall_back():
 
     batch = jax.random.normal(jax.random.fold_in(key, 1), (4, 4, 2))
     direction = random_like(layer, jax.random.fold_in(key, 2))
-    ref = reference_stats(loss, layer, batch, direction)
-    assert_matches(batch_stats(loss, layer, batch, direction=direction), ref)
+    auto = lambda p, b, d: batch_stats(loss, p, b, direction=d)  # noqa: E731
+    ref, stats = reference_stats(loss, layer, batch, direction, also=auto)
+    assert_matches(stats, ref)
     with pytest.raises(ValueError, match="not covered"):
         batch_stats(loss, layer, batch, method="fast")
 
@@ -246,25 +264,36 @@ def test_instrument_swaps_equinox_layers():
     batch = classification_batch(jax.random.fold_in(key, 1), 4, (4,))
     np.testing.assert_array_equal(jax.vmap(model)(batch[0]), jax.vmap(plain)(batch[0]))
     direction = random_like(params, jax.random.fold_in(key, 2))
-    ref = reference_stats(loss, params, batch, direction)
-    assert_matches(batch_stats(loss, params, batch, direction=direction, method="fast"), ref)
+    fast = lambda p, b, d: batch_stats(loss, p, b, direction=d, method="fast")  # noqa: E731
+    ref, stats = reference_stats(loss, params, batch, direction, also=fast)
+    assert_matches(stats, ref)
 
 
 def test_chunked_generic_equals_unchunked_and_scalar_mode():
     key = jax.random.key(8)
     model, batch = mlp_case(key, 7, True)
     direction = random_like(model, jax.random.fold_in(key, 2))
-    whole = batch_stats(cross_entropy, model, batch, direction=direction, method="generic")
-    for chunk in (1, 2, 3, 7, 50):
-        chunked = batch_stats(cross_entropy, model, batch, direction=direction, method="generic", chunk_size=chunk)
+
+    @jax.jit  # one compilation for all variants keeps the test fast
+    def variants(model, batch, direction):
+        run = lambda **kw: batch_stats(cross_entropy, model, batch, **kw)  # noqa: E731
+        return dict(
+            whole=run(direction=direction, method="generic"),
+            chunked=[run(direction=direction, method="generic", chunk_size=c) for c in (2, 3)],
+            scalar=[run(direction=direction, method=m, per_parameter=False, chunk_size=3) for m in ("fast", "generic")],
+            no_direction=run(),
+        )
+
+    out = variants(model, batch, direction)
+    whole = out["whole"]
+    for chunked in out["chunked"]:
         for a, b in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
-    for method in ("fast", "generic"):
-        scalar = batch_stats(cross_entropy, model, batch, direction=direction, method=method, per_parameter=False, chunk_size=3)
+    for scalar in out["scalar"]:
         assert scalar.grad_var is None and scalar.grad_sq_sum is None and scalar.hvp_var is None
         np.testing.assert_allclose(scalar.grad_var_mean, whole.grad_var_mean, rtol=1e-10)
         np.testing.assert_allclose(scalar.hvp_var_mean, whole.hvp_var_mean, rtol=1e-10)
-    no_direction = batch_stats(cross_entropy, model, batch)
+    no_direction = out["no_direction"]
     assert no_direction.hvp_mean is None and no_direction.hvp_var_mean is None
     np.testing.assert_allclose(no_direction.grad_var_mean, whole.grad_var_mean, rtol=1e-10)
 
@@ -281,17 +310,20 @@ def test_generic_variance_is_stable_in_float32():
     assert stats.grad_var.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("method", ["fast", "generic"])
-def test_float32_dtype_preserved(method):
+def test_float32_dtype_preserved():
     key = jax.random.key(10)
     model = MLP((4, 5, 3), key=key, dtype=jnp.float32)
     batch = classification_batch(jax.random.fold_in(key, 1), 3, (4,), dtype=jnp.float32)
     direction = random_like(model, jax.random.fold_in(key, 2))
-    stats = batch_stats(cross_entropy, model, batch, direction=direction, method=method)
-    for leaf in jax.tree_util.tree_leaves(stats._replace(batch_size=None)):
-        assert leaf.dtype == jnp.float32
-    ref = reference_stats(cross_entropy, model, batch, direction)
-    assert_matches(stats, ref, rtol=2e-4, atol=1e-6)
+
+    def both(model, batch, direction):
+        return [batch_stats(cross_entropy, model, batch, direction=direction, method=m) for m in ("fast", "generic")]
+
+    ref, results = reference_stats(cross_entropy, model, batch, direction, also=both)
+    for stats in results:
+        for leaf in jax.tree_util.tree_leaves(stats._replace(batch_size=None)):
+            assert leaf.dtype == jnp.float32
+        assert_matches(stats, ref, rtol=2e-4, atol=1e-6)
 
 
 def test_jit_and_vmap_over_seeds():
@@ -311,6 +343,14 @@ def test_jit_and_vmap_over_seeds():
             np.testing.assert_allclose(a[s], b, rtol=1e-10, atol=1e-13)
 
 
+def test_cnn3c3d_architecture():
+    model = CNN3c3d(key=jax.random.key(13))
+    assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(model)) == 895_210  # DeepOBS 3c3d
+    shapes = jax.eval_shape(jax.vmap(model), jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float64))
+    assert shapes.shape == (2, 10)
+
+
+@pytest.mark.slow
 def test_cnn3c3d_fast_equals_generic():
     key = jax.random.key(13)
     model = CNN3c3d(key=key, dtype=jnp.float32)

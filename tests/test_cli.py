@@ -116,3 +116,24 @@ def test_bench_lists_and_runs_scripts(tmp_path):
     assert list(found) == ["alpha", "fails"]
     assert run_benchmark(found["alpha"]) == 0 and marker.read_text() == "ok"
     assert run_benchmark(found["fails"]) == 3
+
+
+def test_trace_trimming_drops_parameter_trees_whole():
+    import jax
+    import jax.numpy as jnp
+
+    from probopt.benchmark._compare import _trim
+    from probopt.filters import GaussianBelief
+
+    params = {"w": jnp.zeros((10, 5)), "b": jnp.zeros(5)}
+    state = {
+        "belief": GaussianBelief(params, jnp.ones(()), "scalar"),
+        "previous_step": params,
+        "gain": jnp.ones(()),
+        "small": jnp.zeros(3),
+    }
+    trimmed = _trim(state, jax.tree_util.tree_structure(params), 20)
+    assert trimmed["belief"].mean is None and trimmed["belief"].variance.shape == ()
+    assert trimmed["previous_step"] is None
+    assert trimmed["gain"].shape == () and trimmed["small"].shape == (3,)
+    assert _trim(state, jax.tree_util.tree_structure(params), 1000) is state

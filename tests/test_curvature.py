@@ -86,19 +86,16 @@ def test_newton_accepts_dense_hessian_and_rejects_ambiguous_extras():
 def test_damped_newton_interpolates_to_gradient_descent():
     value_fn, params, _, _ = _quadratic()
     g = _flat(jax.grad(value_fn)(params))
+    direction = jax.jit(lambda lam: _flat(newton_direction(value_fn, params, damping=lam)))
     errors = []
     for lam in (1e2, 1e4, 1e6):
-        d = _flat(newton_direction(value_fn, params, damping=lam))
+        d = direction(lam)
         errors.append(float(jnp.linalg.norm(lam * d - g) / jnp.linalg.norm(g)))
     # lambda d = (I + H/lambda)^{-1} g = g - H g / lambda + O(1/lambda^2).
     assert errors[0] < 0.2 and errors[2] < 1e-4
     np.testing.assert_allclose(errors[1] / errors[2], 100.0, rtol=0.05)
     # lambda = 0 is plain Newton.
-    np.testing.assert_allclose(
-        _flat(newton_direction(value_fn, params)),
-        jnp.linalg.solve(hessian_matrix(value_fn, params), g),
-        rtol=1e-10,
-    )
+    np.testing.assert_allclose(direction(0.0), jnp.linalg.solve(hessian_matrix(value_fn, params), g), rtol=1e-10)
 
 
 def test_newton_falls_back_to_gradient_on_negative_curvature():
@@ -277,6 +274,22 @@ def test_natural_gradient_transform_descends_float32():
         assert losses[-1] < losses[0] - 0.1
 
 
+def test_monte_carlo_natural_gradient_vmaps_over_seeds():
+    predictive, x, y, _ = _gaussian_regression(n=50)
+    params = {"theta": jnp.array([3.0, 1.0]), "bias": jnp.array(0.5)}
+
+    def run(key):
+        opt = natural_gradient(1.0, predictive, kind="true", num_samples=4, key=key)
+        state = opt.init(params)
+        g = jax.grad(lambda p: negative_log_likelihood(predictive, p, x, y))(params)
+        upd, state = opt.update(g, state, params, batch=(x, y))
+        return upd["theta"], state[0].fallback_count
+
+    steps, fallbacks = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(0), 3))
+    assert steps.shape == (3, 2) and np.all(np.asarray(fallbacks) == 0)
+    assert not np.allclose(steps[0], steps[1])  # different Monte Carlo labels per seed
+
+
 # ---------------------------------------------------------------- Lanczos
 
 
@@ -301,7 +314,9 @@ def test_lanczos_restarts_after_invariant_subspace():
     q, _ = np.linalg.qr(rng.standard_normal((9, 9)))
     evals = np.repeat([1.0, 2.0, 5.0], 3)
     a = jnp.asarray(q @ np.diag(evals) @ q.T)
-    res = lanczos(lambda u: a @ u, jnp.asarray(rng.standard_normal(9)), 9, key=jax.random.key(1))
+    res = jax.jit(lambda v, k: lanczos(lambda u: a @ u, v, 9, key=k))(
+        jnp.asarray(rng.standard_normal(9)), jax.random.key(1)
+    )
     np.testing.assert_allclose(res.ritz_values, np.sort(evals), atol=1e-8)
     assert np.sum(np.asarray(res.betas) == 0) >= 2
 
@@ -355,42 +370,31 @@ def _kfac_softmax(c=4):
     return value_func, predictive
 
 
-def test_kfac_direction_is_damped_natural_gradient_when_inputs_coincide():
-    """For one dense softmax layer K-FAC's block is (mean a a^T) kron (mean E_y g g^T);
-    with a single distinct input that is the exact Fisher, so with exact factors and
-    exact damping the preconditioned gradient is (F + lambda I)^{-1} g."""
+def test_kfac_direction_against_exact_kronecker_and_natural_gradient():
+    """For one dense softmax layer K-FAC's block is A kron G with A = mean [x,1][x,1]^T and
+    G = mean_i (diag p_i - p_i p_i^T).  With exact factors and exact damping the
+    preconditioned gradient is (A kron G + lambda I)^{-1} g; when all inputs coincide
+    A kron G is the exact Fisher, so it is the damped natural gradient (F + lambda I)^{-1} g."""
     value_func, predictive = _kfac_softmax()
-    rng = np.random.default_rng(6)
-    x = jnp.asarray(np.repeat(rng.standard_normal((1, 3)), 5, axis=0))
-    y = jnp.array([0, 1, 1, 3, 2])
-    params = {"w": jnp.asarray(0.4 * rng.standard_normal((3, 4))), "b": jnp.asarray(0.1 * rng.standard_normal(4))}
+    rng = np.random.default_rng(7)
+    n, d_in, c = 6, 3, 4
+    x = jnp.asarray(rng.standard_normal((n, d_in)))
+    y = jnp.asarray(rng.integers(0, c, n))
+    params = {"w": jnp.asarray(0.4 * rng.standard_normal((d_in, c))), "b": jnp.asarray(0.1 * rng.standard_normal(c))}
     lam = 0.05
     opt = scale_by_kfac(
         value_func, (x, y), damping=lam, estimation_mode="fisher_exact", use_exact_inverses=True,
         inverse_update_period=1, curvature_ema=0.0,
     )
     state = opt.init(params)
-    g = jax.grad(value_func)(params, (x, y))
-    d, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=(x, y)))(g, state, params)
-    exact = natural_gradient_direction(predictive, params, x, y, kind="true", damping=lam)
-    np.testing.assert_allclose(_flat(d), _flat(exact), rtol=1e-8)
 
+    @jax.jit
+    def direction(batch):
+        g = jax.grad(value_func)(params, batch)
+        return g, opt.update(g, state, params, batch=batch)[0]
 
-def test_kfac_direction_is_kronecker_factored_for_distinct_inputs():
-    value_func, _ = _kfac_softmax()
-    rng = np.random.default_rng(7)
-    n, d_in, c = 6, 3, 4
-    x = jnp.asarray(rng.standard_normal((n, d_in)))
-    y = jnp.asarray(rng.integers(0, c, n))
-    params = {"w": jnp.asarray(0.4 * rng.standard_normal((d_in, c))), "b": jnp.zeros(c)}
-    lam = 0.05
-    opt = scale_by_kfac(
-        value_func, (x, y), damping=lam, estimation_mode="fisher_exact", use_exact_inverses=True,
-        inverse_update_period=1, curvature_ema=0.0,
-    )
-    g = jax.grad(value_func)(params, (x, y))
-    d, _ = opt.update(g, opt.init(params), params, batch=(x, y))
-    # Independent construction: A = mean [x,1][x,1]^T, G = mean (diag p - p p^T).
+    # Distinct inputs: the Kronecker-factored matrix, built independently.
+    g, d = direction((x, y))
     p = np.asarray(jax.nn.softmax(x @ params["w"] + params["b"]))
     a = np.concatenate([np.asarray(x), np.ones((n, 1))], axis=1)
     big_a = a.T @ a / n
@@ -399,6 +403,14 @@ def test_kfac_direction_is_kronecker_factored_for_distinct_inputs():
     ref = np.linalg.solve(np.kron(big_a, big_g) + lam * np.eye(gm.size), gm).reshape(d_in + 1, c)
     np.testing.assert_allclose(d["w"], ref[:d_in], rtol=1e-8)
     np.testing.assert_allclose(d["b"], ref[d_in], rtol=1e-8)
+    # One shared input: exactly the damped natural gradient.
+    x_same = jnp.repeat(x[:1], n, axis=0)
+    _, d_same = direction((x_same, y))
+    exact = natural_gradient_direction(predictive, params, x_same, y, kind="true", damping=lam)
+    np.testing.assert_allclose(_flat(d_same), _flat(exact), rtol=1e-8)
+    # And the K-FAC approximation is not the Fisher when inputs differ.
+    exact_distinct = natural_gradient_direction(predictive, params, x, y, kind="true", damping=lam)
+    assert not np.allclose(_flat(d), _flat(exact_distinct), rtol=1e-2)
 
 
 def test_kfac_optimizer_reduces_loss_on_mlp():
@@ -432,8 +444,40 @@ def test_kfac_optimizer_reduces_loss_on_mlp():
 
     p = params
     initial = float(value_func(params, (x, y)))
-    for t in range(40):
+    for t in range(25):
         idx = (np.arange(32) + 32 * t) % 128
         p, state, _ = step(p, state, (x[idx], y[idx]))
     assert p["w1"].dtype == jnp.float32
     assert float(value_func(p, (x, y))) < 0.6 * initial
+
+
+# ---------------------------------------------------------------- reproduction (slow)
+
+
+@pytest.mark.slow
+def test_textbook_comparison_quadratics_reproduction():
+    """examples/textbook_comparison.py on Perone's quadratics: Newton needs one step at
+    every kappa, tuned GD needs more as kappa grows, natural gradient with the Fisher is
+    (Monte Carlo) Newton, and the empirical Fisher is an order of magnitude slower."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "textbook_comparison.py"
+    spec = importlib.util.spec_from_file_location("textbook_comparison", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    iterations = {}
+    for kappa in (1.0, 2.5):
+        predictive, inputs, targets = module.gaussian_quadratic(kappa)
+        f_star = float(negative_log_likelihood(predictive, jnp.zeros(2), inputs, targets))
+        table, _, _, _ = module.compare(
+            predictive, inputs, targets, jnp.array([2.0, 2.0]), l2=0.0, num_steps=300, second_order_steps=100,
+            grid=list(np.geomspace(0.01, 1.0, 21)), betas=(0.1, 0.5, 0.9),
+            damping={"damped": 1.0, "ng": 1e-8, "samples": 64}, f_star=f_star,
+        )
+        iterations[kappa] = {name: entry[0] for name, entry in table.items()}
+    for kappa in (1.0, 2.5):
+        assert iterations[kappa]["Newton"] == 1
+        assert iterations[kappa]["NG (Fisher)"] <= 2
+        assert iterations[kappa]["NG (empirical F)"] >= 10 * iterations[kappa]["NG (Fisher)"]
+    assert iterations[2.5]["GD"] > iterations[1.0]["GD"] + 3

@@ -122,6 +122,7 @@ def test_offline_scan_reproduces_online_states():
         at_t = jax.tree_util.tree_map(lambda x: x[t], trace)
         for got, want in [(at_t.belief, b), (at_t.noise, nz), (at_t.info.gain, info.gain)]:
             for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                # Same arithmetic, different XLA fusion: equal up to round-off.
                 np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-13, atol=1e-15)
 
 

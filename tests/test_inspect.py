@@ -208,7 +208,6 @@ def test_bad_input_raises(seed):
 
 def test_real_meka_trace_converts():
     meka_module = pytest.importorskip("probopt.optimizers._meka")
-    import optax  # noqa: F401
 
     def per_example_loss(params, batch):
         return 0.5 * jnp.sum((params[None] - batch) ** 2, axis=-1)
@@ -229,3 +228,11 @@ def test_real_meka_trace_converts():
     assert fs["belief.mean"].dims == ("step", "param") and fs.sizes["param"] == 4
     np.testing.assert_allclose(fs["belief.mean"].values, np.asarray(trace.belief.mean))
     assert "gain" in find_diagnostics(idata)
+
+
+def test_belief_recorded_without_mean_keeps_scalar_variance(seed):
+    state = _stacked_state(seed)
+    state = state._replace(value=GaussianBelief(None, state.value.variance, "scalar"))
+    fs = _group(to_inference_data(state, draws=2, key=jax.random.key(0)), "filter_state")
+    assert "value.mean" not in fs
+    np.testing.assert_allclose(fs["value.variance"].values, state.value.variance)

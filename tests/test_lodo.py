@@ -27,6 +27,7 @@ from probopt.preconditioners import (
     ResidualPreconditioner,
     ScalarPreconditioner,
     compare_spectra,
+    default_hidden_dim,
     exact_inverse_hessian_error,
     inverse_hessian_error,
     partition_trainable,
@@ -77,8 +78,9 @@ def test_lodo_dense_equals_product_formula(dim, block_size, depth):
 
 
 def test_default_hidden_dim_rounds_up_to_block_multiple():
-    assert LodoPreconditioner(100, key=jax.random.key(0)).hidden_dim == 200
-    assert LodoPreconditioner(5, key=jax.random.key(0), block_size=4).hidden_dim == 12
+    assert default_hidden_dim(100, 4) == 200 and default_hidden_dim(5, 4) == 12
+    assert default_hidden_dim(6, 3) == 12
+    assert LodoPreconditioner(5, key=jax.random.key(0), block_size=4, depth=1).hidden_dim == 12
 
 
 def test_lodo_is_scaled_identity_at_init():
@@ -140,11 +142,12 @@ def test_hypergradient_equals_finite_difference_of_next_loss(make):
     loss = _quadratic(k3, 6)
     x, m = jax.random.normal(k4, (2, 6))
     next_gradient = jax.grad(loss)(x - p(m))
-    hyper = lodo_hypergradient(p, m, next_gradient)
+    hyper = eqx.filter_jit(lodo_hypergradient)(p, m, next_gradient)
 
     trainable, structure = partition_trainable(p)
     direction = jax.tree.map(lambda t: jax.random.normal(k5, t.shape, t.dtype), trainable)
 
+    @jax.jit
     def next_loss(eps):
         theta = jax.tree.map(lambda t, d: t + eps * d, trainable, direction)
         return loss(x - eqx.combine(theta, structure)(m))
@@ -158,8 +161,8 @@ def test_hypergradient_equals_finite_difference_of_next_loss(make):
 def test_lodo_closed_form_hypergradient_matches_autodiff_vjp():
     p = _perturb(LodoPreconditioner(11, key=jax.random.key(3), depth=6), jax.random.key(4))
     v, c = jax.random.normal(jax.random.key(5), (2, 11))
-    fast = p.hypergradient(v, c).blocks
-    autodiff = Preconditioner.hypergradient(p, v, c).blocks
+    fast = eqx.filter_jit(lambda p, v, c: p.hypergradient(v, c))(p, v, c).blocks
+    autodiff = eqx.filter_jit(Preconditioner.hypergradient)(p, v, c).blocks
     np.testing.assert_allclose(fast, autodiff, atol=1e-12)
 
 
@@ -168,11 +171,13 @@ def test_lodo_closed_form_hypergradient_matches_autodiff_vjp():
 
 def _run(opt, loss, x0, steps):
     state = opt.init(x0)
+    update = jax.jit(opt.update)
+    grad = jax.jit(jax.grad(loss))
     x = x0
     updates_seen, states = [], [state]
     for _ in range(steps):
-        g = jax.grad(loss)(x)
-        u, state = opt.update(g, state, x)
+        g = grad(x)
+        u, state = update(g, state, x)
         x = x + u
         updates_seen.append(u)
         states.append(state)
@@ -230,10 +235,12 @@ def test_lodo_matches_reference_loop():
 
     theta = np.asarray(p0.blocks)
     adam = _adam_reference(meta_lr)(theta.shape)
+    hyper_fn = jax.jit(jax.grad(lambda th, x, m: loss(x - dense_g(th) @ m)))
+    dense_g = jax.jit(dense_g)
     x, m = np.zeros(n), np.zeros(n)
     for _ in range(steps):
         x_next = x - np.asarray(dense_g(theta)) @ m
-        hyper = jax.grad(lambda th: loss(jnp.asarray(x) - dense_g(th) @ m))(jnp.asarray(theta))
+        hyper = hyper_fn(jnp.asarray(theta), jnp.asarray(x), jnp.asarray(m))
         g_next = np.asarray(jax.grad(loss)(jnp.asarray(x_next)))
         theta = theta + adam.step(np.asarray(hyper))
         m = beta * m + (1 - beta) * g_next
@@ -373,7 +380,7 @@ def test_inspection_tools():
     assert float(inverse_hessian_error(exact, lambda v: hessian @ v, jax.random.key(0))) < 1e-12
     # MC estimator of E|v - 0.4 H v| agrees with a direct NumPy average over the same probes.
     est = inverse_hessian_error(p, lambda v: hessian @ v, jax.random.key(1), num_probes=50)
-    probes = np.asarray(jax.random.normal(jax.random.key(1), (50, n)))
+    probes = np.array(jax.random.normal(jax.random.key(1), (50, n)))
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
     direct = np.mean(np.linalg.norm(probes - probes @ (0.4 * np.asarray(hessian)), axis=1))
     np.testing.assert_allclose(est, direct, rtol=1e-12)
@@ -409,26 +416,29 @@ def test_vmap_over_seeds():
 
     def run(key):
         opt = lodo(1e-2, 0.3, 0.5, key=key, depth=3)
-        x = jnp.ones(6)
-        state = opt.init(x)
-        for _ in range(5):
+
+        def body(carry, _):
+            x, state = carry
             u, state = opt.update(jax.grad(loss)(x), state)
-            x = x + u
+            return (x + u, state), None
+
+        x = jnp.ones(6)
+        (x, state), _ = jax.lax.scan(body, (x, opt.init(x)), None, length=5)
         return x, state.preconditioner.permutations
 
-    xs, perms = jax.vmap(run)(jax.random.split(jax.random.key(81), 3))
+    xs, perms = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(81), 3))
     assert xs.shape == (3, 6) and bool(jnp.all(jnp.isfinite(xs)))
     assert not np.array_equal(perms[0], perms[1])
-    single, _ = run(jax.random.split(jax.random.key(81), 3)[1])
+    single, _ = jax.jit(run)(jax.random.split(jax.random.key(81), 3)[1])
     np.testing.assert_allclose(xs[1], single, atol=1e-12)
 
 
 def test_inject_hyperparams():
-    opt = optax.inject_hyperparams(lodo, static_args=("key",))(
+    opt = optax.inject_hyperparams(lodo, static_args=("key", "block_size", "depth", "unroll"))(
         meta_learning_rate=1e-3, initial_learning_rate=0.3, momentum=0.5, key=jax.random.key(0), depth=2
     )
     state = opt.init(jnp.ones(3))
-    u, state = opt.update(jnp.ones(3), state)
+    u, state = jax.jit(opt.update)(jnp.ones(3), state)
     np.testing.assert_allclose(u, -0.3 * 0.5 * jnp.ones(3), atol=1e-14)
     assert isinstance(optax.tree.get(state, "preconditioner"), LodoPreconditioner)
 

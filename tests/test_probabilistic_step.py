@@ -41,9 +41,10 @@ def _context(*, count, direction, prev_mean, prev_var, mean, var, step, hvp, los
     )
 
 
-def _grid_pi(a, b, s, p, q):
+def _grid_pi(a, b, s, p, q, c=0.0):
     grid = np.geomspace(1e-8, 1e4, 400_001)
-    ratio = (-grid * a + 0.5 * grid**2 * b) / np.sqrt(2 * s + grid**2 * p + 0.25 * grid**4 * q)
+    variance = 2 * s + grid**2 * p + 0.25 * grid**4 * q + grid**6 * c
+    ratio = (-grid * a + 0.5 * grid**2 * b) / np.sqrt(variance)
     return grid[np.argmin(ratio)]
 
 
@@ -69,7 +70,9 @@ def _two_contexts(scale=1.0):
 
 
 def test_one_step_by_hand():
-    rule = ProbabilisticStepSize("pi", initial_step_size=0.01, step_decay=0.9, loss_noise_decay=0.5)
+    rule = ProbabilisticStepSize(
+        "pi", initial_step_size=0.01, step_decay=0.9, loss_noise_decay=0.5, max_step_change=1e6
+    )
     first, second, (m0, m1, delta, hvp) = _two_contexts()
     state = rule.init(jnp.zeros(4))
     alpha0, state = _call(rule, state, first)
@@ -98,12 +101,14 @@ def test_one_step_by_hand():
     kappa = delta @ hvp / (delta @ delta)
     a, beta = m1 @ m1, kappa * (m1 @ m1)
     p, q = 0.3 * (m1 @ m1), 0.05 * (m1 @ m1) ** 2 / (delta @ delta)
+    third = lam / (delta @ delta) ** 3 * (m1 @ m1) ** 3  # default third-order term
     model = state.model
     np.testing.assert_allclose(
-        [model.slope, model.curvature, model.value_variance, model.gradient_variance, model.curvature_variance],
-        [a, beta, s1, p, q], rtol=1e-10,
+        [model.slope, model.curvature, model.value_variance, model.gradient_variance,
+         model.curvature_variance, model.third_order],
+        [a, beta, s1, p, q, third], rtol=1e-10,
     )
-    expected = _grid_pi(a, beta, s1, p, q)
+    expected = _grid_pi(a, beta, s1, p, q, third)
     np.testing.assert_allclose(state.raw_step_size, expected, rtol=1e-4)
     # The first accepted step starts the average: returned as is.
     np.testing.assert_allclose(alpha1, state.raw_step_size, rtol=1e-12)
@@ -113,7 +118,9 @@ def test_one_step_by_hand():
 def test_pi_step_is_invariant_to_loss_scale():
     steps = {}
     for scale in (1.0, 1e-2, 50.0):
-        rule = ProbabilisticStepSize("pi", value_prior_variance=1e30, value_std_floor=0.0)
+        rule = ProbabilisticStepSize(
+            "pi", value_prior_variance=1e30, value_std_floor=0.0, max_step_change=1e12
+        )
         first, second, _ = _two_contexts(scale)
         state = rule.init(jnp.zeros(4))
         _, state = _call(rule, state, first)
@@ -129,7 +136,7 @@ def test_negative_curvature_falls_back_or_uses_third_order():
         stats=second.stats._replace(hvp_mean=-jnp.asarray(hvp), loss_mean=jnp.asarray(-5.0)),
         process_noise=jnp.asarray(0.0),
     )
-    plain = ProbabilisticStepSize("pi", initial_step_size=0.01)
+    plain = ProbabilisticStepSize("pi", initial_step_size=0.01, third_order=False)
     state = plain.init(jnp.zeros(4))
     _, state = _call(plain, state, first)
     alpha, state = _call(plain, state, uphill)
@@ -137,7 +144,7 @@ def test_negative_curvature_falls_back_or_uses_third_order():
     assert bool(state.fallback) and float(alpha) == pytest.approx(0.01)
     assert np.isfinite(float(alpha))
 
-    third = ProbabilisticStepSize("pi", initial_step_size=0.01, third_order=True)
+    third = ProbabilisticStepSize("pi", initial_step_size=0.01)  # third_order=True by default
     state = third.init(jnp.zeros(4))
     _, state = _call(third, state, first)
     alpha, state = _call(third, state, uphill)
@@ -160,13 +167,16 @@ def test_steps_are_clipped_and_averaged():
     limited = float(np.clip(raw, previous / 2, previous * 2))
     assert bool(state.clipped) == (limited != raw)
     # bias-corrected EMA with decay 0.5 after two accepted values: (0.5 * x1 + x2) / 1.5
-    np.testing.assert_allclose(alpha, (0.5 * previous + limited) / 1.5, rtol=1e-12)
+    average = (0.5 * previous + limited) / 1.5
+    np.testing.assert_allclose(state.step_average.value, average, rtol=1e-12)
+    # conservative (default): the average may delay increases, never decreases
+    np.testing.assert_allclose(alpha, min(average, raw), rtol=1e-12)
 
 
 @pytest.mark.parametrize("acquisition", ["ei", "quadratic"])
 def test_other_acquisitions_give_finite_steps(acquisition):
     first, second, (m0, m1, delta, hvp) = _two_contexts()
-    rule = ProbabilisticStepSize(acquisition, scale=0.5)
+    rule = ProbabilisticStepSize(acquisition, scale=0.5, max_step_change=1e6)
     state = rule.init(jnp.zeros(4))
     _, state = _call(rule, state, first)
     alpha, state = _call(rule, state, second)

@@ -32,8 +32,9 @@ class RunResult:
     - ``objective``: the workload's objective, shape ``(S, T + 1)`` (column 0
       is the start).
     - ``batch_loss``: minibatch mean loss at every step, shape ``(S, T)``.
-    - ``trace``: the optimizer state stacked as ``(S, T, ...)``, leaves larger
-      than ``max_trace_size`` numbers per step dropped (``None``).
+    - ``trace``: the optimizer state stacked as ``(S, T, ...)``; parts with
+      more than ``max_trace_size`` numbers per step are dropped (``None``):
+      parameter-shaped subtrees whole, beliefs down to a scalar variance.
     - ``seconds_per_step``: wall time per step (all seeds), the median over
       chunks of the chunk time divided by its length, after one discarded
       warm-up call (compilation excluded).
@@ -75,10 +76,32 @@ def _chunk_length(steps: int, max_chunks: int = 20) -> int:
     return max(d for d in range(1, limit + 1) if steps % d == 0)
 
 
-def _trim(state: Any, max_size: int) -> Any:
+def _trim(node: Any, params_structure: Any, max_size: int) -> Any:
+    """Drop the parts of a state with more than ``max_size`` numbers per step.
+
+    Parameter-shaped subtrees are kept or dropped whole (never a subset of
+    the layers); a large belief keeps only a scalar variance.
+    """
+    import equinox as eqx
     import jax
 
-    return jax.tree_util.tree_map(lambda x: x if x.size <= max_size else None, state)
+    from ..filters import GaussianBelief
+
+    leaves = jax.tree_util.tree_leaves(node)
+    if sum(int(leaf.size) for leaf in leaves) <= max_size:
+        return node
+    if isinstance(node, GaussianBelief):
+        variance = node.variance if node.structure == "scalar" else None
+        return GaussianBelief(None, variance, node.structure)
+    if isinstance(node, eqx.Module) or jax.tree_util.tree_structure(node) == params_structure:
+        return None
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*(_trim(child, params_structure, max_size) for child in node))
+    if isinstance(node, dict):
+        return {k: _trim(v, params_structure, max_size) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_trim(child, params_structure, max_size) for child in node)
+    return None
 
 
 def run_optimizer(
@@ -145,9 +168,10 @@ def run_optimizer(
         key, batch_key = jax.random.split(key)
         batch = workload.sample_batch(batch_key, batch_size)
         params, state, loss = update(params, state, batch)
-        record = (evaluate(state, params), loss, _trim(state, max_trace_size))
+        record = (evaluate(state, params), loss, _trim(state, params_structure, max_trace_size))
         return (params, state, key), record
 
+    params_structure = jax.tree_util.tree_structure(workload.init_params(jax.random.key(0)))
     chunk = _chunk_length(steps)
 
     def run_chunk(carry):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
+from jax.scipy.sparse.linalg import cg
 
 from .._validation import check_same_structure, is_concrete
 
@@ -127,7 +128,7 @@ def hessian_free_direction(
     def matvec(v):
         return jax.tree.map(lambda hv, x: hv + jnp.asarray(damping, x.dtype) * x, hvp(v), v)
 
-    solution, _ = jax.scipy.sparse.linalg.cg(matvec, grad, tol=tol, maxiter=maxiter)
+    solution, _ = cg(matvec, grad, tol=tol, maxiter=maxiter)
     return solution
 
 

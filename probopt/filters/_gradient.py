@@ -343,7 +343,8 @@ def run_gradient_filter(
 
     This re-filters a trajectory after the fact (e.g. with another
     ``noise_decay`` or covariance structure) and reproduces, step for step,
-    the beliefs that the online optimizer computed from the same statistics.
+    the beliefs that the online optimizer computed from the same statistics
+    (the same arithmetic; equal up to round-off from XLA's different fusion).
 
     **Arguments:**
 

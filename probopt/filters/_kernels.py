@@ -158,7 +158,7 @@ def condition(
     if belief.structure == "dense":
         return _condition_dense(belief, innovation, noise, form)
 
-    def elementwise(prior_var, obs_var, residual):
+    def elementwise(prior_var, obs_var):
         total = prior_var + obs_var
         safe_total = jnp.where(total > 0, total, 1.0)
         gain = jnp.where(total > 0, prior_var / safe_total, 0.0)
@@ -169,7 +169,7 @@ def condition(
         return gain, post_var, total, safe_total
 
     if belief.structure == "scalar":
-        gain, post_var, total, safe_total = elementwise(belief.variance, noise, None)
+        gain, post_var, total, safe_total = elementwise(belief.variance, noise)
         mean = jax.tree_util.tree_map(lambda m, r: m + gain * r, belief.mean, innovation)
         flat_innovation, _ = ravel_pytree(innovation)
         dim = flat_innovation.size
@@ -179,9 +179,7 @@ def condition(
         posterior = GaussianBelief(mean=mean, variance=post_var, structure="scalar")
         return posterior, ConditionInfo(gain, innovation, total, log_likelihood)
 
-    results = jax.tree_util.tree_map(
-        lambda p, r, e: elementwise(p, r, e), belief.variance, noise, innovation
-    )
+    results = jax.tree_util.tree_map(elementwise, belief.variance, noise)
     treedef = jax.tree_util.tree_structure(belief.mean)
     parts = treedef.flatten_up_to(results)
     gain = treedef.unflatten([part[0] for part in parts])
@@ -204,6 +202,11 @@ def _condition_dense(belief, innovation, noise, form):
     # K = P S^{-1}; S is symmetric, so solve S K^T = P^T = P.
     chol = jax.scipy.linalg.cho_factor(total, lower=True)
     gain = jax.scipy.linalg.cho_solve(chol, prior).T
+    # Fallback for a singular P^- + R (e.g. P = R = 0 in some direction): the
+    # Cholesky factor then has NaNs, and the pseudo-inverse gain P S^+ keeps the
+    # prediction in the degenerate directions, as the scalar kernel does.
+    singular = ~jnp.all(jnp.isfinite(chol[0]))
+    gain = jnp.where(singular, prior @ jnp.linalg.pinv(total, hermitian=True), gain)
     identity = jnp.eye(prior.shape[0], dtype=prior.dtype)
     if form == "joseph":
         residual = identity - gain
@@ -217,5 +220,7 @@ def _condition_dense(belief, innovation, noise, form):
     log_likelihood = -0.5 * (
         flat_innovation @ whitened + log_det + flat_innovation.size * _LOG_2PI
     )
+    # A singular predictive covariance has no density: report -inf, never NaN.
+    log_likelihood = jnp.where(singular, -jnp.inf, log_likelihood)
     posterior = GaussianBelief(mean=mean, variance=post, structure="dense")
     return posterior, ConditionInfo(gain, innovation, total, log_likelihood)

@@ -15,7 +15,7 @@ product and $Q_t$ its covariance, $y_t$ the minibatch mean loss and $r_t$ its
 variance.  The scalar $\lambda_t \ge 0$ corrects the quadratic model where it
 does not fit; it is chosen by maximising the marginal likelihood of $y_t$
 (Appendix B.1), which has the closed form of
-[`fit_model_correction`][probopt.filters.fit_model_correction].
+`fit_model_correction`.
 
 The filter only *computes* the drift and the variances; prediction and
 conditioning are [`predict`][probopt.filters.predict] and
@@ -131,7 +131,7 @@ def taylor_dynamics(
 
 
 class ValueFilterInfo(NamedTuple):
-    r"""What one [`ValueFilter.update`][probopt.filters.ValueFilter.update] did.
+    r"""What one `ValueFilter.update` did.
 
     **Attributes** (all shape ``()``):
 
@@ -160,7 +160,7 @@ class ValueFilter(eqx.Module):
     r"""Scalar Kalman filter on the objective value $f(\theta_t)$ (Meka, App. B).
 
     Each step predicts with the quadratic Taylor drift and variance (see
-    [`taylor_dynamics`][probopt.filters.taylor_dynamics]) plus the fitted
+    `taylor_dynamics`) plus the fitted
     correction $\lambda_t$, then conditions on the minibatch loss:
 
     $$u^- = u + d,\quad C = s + v,\quad
@@ -176,9 +176,9 @@ class ValueFilter(eqx.Module):
     $\kappa_3 = \lambda / \lVert\delta\rVert^6$.  At the step where it is
     fitted it adds exactly $\lambda$ to the variance, so the filter update is
     the same; the difference is in the step-size model, where it contributes
-    $\kappa_3 \alpha^6 \lVert u\rVert^6$ to the predictive variance (see
-    ``ProbabilisticStepSize(third_order=True)``).  ``info.third_order``
-    reports $\kappa_3$ at every update.
+    $\kappa_3 \alpha^6 \lVert u\rVert^6$ to the predictive variance (the
+    ``third_order`` option of ``ProbabilisticStepSize``, on by default).
+    ``info.third_order`` reports $\kappa_3$ at every update.
 
     **The first observation.**  The prior is $\mathcal N(u_0, s_0)$ with
     $u_0 = 0$, $s_0 = 10^4$ (Meka, App. A).  A first loss far from 0 (say
@@ -236,14 +236,14 @@ class ValueFilter(eqx.Module):
         - ``observation_noise``: $r_t \ge 0$, the variance of $y_t$ (per-example
           loss variance divided by the batch size), shape ``()``.
         - ``drift``, ``model_variance``: $d_t$ and $v_t$ from
-          [`taylor_dynamics`][probopt.filters.taylor_dynamics], shape ``()``.
+          `taylor_dynamics`, shape ``()``.
         - ``step_norm``: $\lVert\delta_{t-1}\rVert$ for the third-order
           coefficient (``None``: reported as 0).
         - ``fit_correction``: boolean (may be traced); ``False`` uses
           $\lambda_t = 0$.
 
         **Returns:** ``(posterior, info)`` with ``info`` a
-        [`ValueFilterInfo`][probopt.filters.ValueFilterInfo].
+        `ValueFilterInfo`.
         """
         if belief.structure != "scalar" or jnp.shape(belief.mean) != ():
             raise ValueError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import equinox as eqx
@@ -182,6 +183,13 @@ def _variable(name: str, value: Any, layout: _Layout) -> tuple[tuple[str, ...], 
 
 def _belief_variables(name: str, belief: GaussianBelief, layout: _Layout) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
+    if not jax.tree_util.tree_leaves(belief.mean):
+        # A belief recorded without its mean (too large to keep): variance only.
+        if belief.structure == "scalar" and belief.variance is not None:
+            variance = _to_numpy(belief.variance)
+            _check_lead(f"{name}.variance", variance, layout)
+            out[f"{name}.variance"] = (layout.lead, variance)
+        return out
     mean_dims, mean = _belief_flat_mean(name, belief, layout)
     out[f"{name}.mean"] = (mean_dims, mean)
     if belief.structure == "scalar":
@@ -273,6 +281,7 @@ def _posterior_draws(
 ) -> dict[str, tuple]:
     """Draws ``(chain, draw, step, ...)`` from every belief's NumPyro distribution."""
     out: dict[str, tuple] = {}
+    beliefs = [(p, b) for p, b in beliefs if jax.tree_util.tree_leaves(b.mean)]
     keys = jax.random.split(key, max(len(beliefs), 1))
     for (path, belief), belief_key in zip(beliefs, keys):
         name = _name(path)
@@ -301,15 +310,21 @@ def _posterior_draws(
     return out
 
 
+def _import_arviz() -> Any:
+    """Import ArviZ without its once-a-day 0.x "major refactor" FutureWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ArviZ is undergoing a major refactor", category=FutureWarning)
+        import arviz as az
+    return az
+
+
 def arviz_major_version() -> int:
     """The installed ArviZ major version (0 on Python 3.11, 1 on Python >= 3.12)."""
-    import arviz as az
-
-    return int(az.__version__.split(".")[0])
+    return int(_import_arviz().__version__.split(".")[0])
 
 
 def _wrap(groups: dict[str, xr.Dataset]) -> Any:
-    import arviz as az
+    az = _import_arviz()
 
     if arviz_major_version() >= 1:
         return xr.DataTree.from_dict({f"/{name}": ds for name, ds in groups.items()})

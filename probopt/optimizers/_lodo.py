@@ -270,6 +270,11 @@ def lodo(
     **Returns:** `optax.GradientTransformationExtraArgs` with state
     `LodoState`.
 
+    With `optax.inject_hyperparams`, mark the structural arguments static:
+    ``optax.inject_hyperparams(lodo, static_args=("key", "block_size", "depth", "unroll"))``;
+    ``meta_learning_rate``, ``initial_learning_rate`` and ``momentum`` can then
+    be scheduled.
+
     Reference: I. Liao, R. Dangovski, J. Foerster, M. Soljačić, *Learning to
     Optimize Quasi-Newton Methods*, TMLR 2023 (arXiv:2210.06171).
     """

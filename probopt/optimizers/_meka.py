@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,6 +34,7 @@ from ..stats import BatchStats
 from ._step_size import ConstantStepSize, StepSizeContext, StepSizeRule
 
 PROBABILISTIC_STEP_SIZES = ("pi", "ei", "quadratic")
+NONFINITE_POLICIES = ("skip", "raise")
 
 
 class MekaState(NamedTuple):
@@ -62,6 +64,11 @@ class MekaState(NamedTuple):
       (zeros before the first update).
     - ``step_size``: $\alpha_t$ used by the last update, shape ``()``.
     - ``step_size_state``: the state of the step-size rule.
+    - ``skipped_updates``: how many updates were skipped because a gradient,
+      loss, Hessian-vector product or the resulting step was not finite
+      (``on_nonfinite="skip"``), ``int32`` shape ``()``.  A skipped update
+      returns zero updates and leaves every other field (``count`` included)
+      unchanged.
     """
 
     count: jax.Array
@@ -76,6 +83,7 @@ class MekaState(NamedTuple):
     previous_step: Any
     step_size: jax.Array
     step_size_state: Any
+    skipped_updates: jax.Array
 
     def predictive_observation(self) -> GaussianBelief:
         r"""The predictive distribution of the last observed gradient, $\mathcal N(m_t^-, P_t^- + \Sigma_t)$.
@@ -133,6 +141,43 @@ def _dtype_of(tree: Any) -> Any:
     return jnp.result_type(*jax.tree_util.tree_leaves(tree))
 
 
+def _all_finite(*trees: Any) -> jax.Array:
+    """``True`` (shape ``()``) when every inexact leaf of every tree is finite."""
+    flags = [
+        jnp.all(jnp.isfinite(leaf))
+        for tree in trees
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    ]
+    return jnp.stack(flags).all() if flags else jnp.asarray(True)
+
+
+def _check_stats(stats: BatchStats, updates: Any, params: Any) -> None:
+    """Trace-time checks that ``stats`` describes one minibatch of a model shaped like ``updates``."""
+    if jnp.shape(stats.batch_size) != ():
+        raise ValueError(
+            "`stats.batch_size` must be a scalar (the size of one minibatch); got shape "
+            f"{jnp.shape(stats.batch_size)}. Stacked statistics of several steps (a leading "
+            "time axis) cannot drive one update; use `run_gradient_filter` for those."
+        )
+    if not isinstance(stats.batch_size, jax.core.Tracer) and int(stats.batch_size) < 1:
+        raise ValueError(f"`stats.batch_size` must be at least 1; got {int(stats.batch_size)}.")
+    if params is not None:
+        check_same_structure(params, updates, "params", "updates")
+    check_same_structure(updates, stats.grad_mean, "updates", "stats.grad_mean")
+    for name in ("grad_var", "hvp_mean", "hvp_var"):
+        field = getattr(stats, name)
+        if field is not None:
+            check_same_structure(updates, field, "updates", f"stats.{name}")
+    for name in ("loss_mean", "loss_var", "grad_var_mean", "hvp_var_mean"):
+        field = getattr(stats, name)
+        if field is not None and jnp.shape(field) != ():
+            raise ValueError(
+                f"`stats.{name}` must be a scalar; got shape {jnp.shape(field)} "
+                "(statistics of one minibatch are reduced over its examples)."
+            )
+
+
 def _adam_direction(belief: GaussianBelief, epsilon: Any) -> Any:
     variance = belief.marginal_variance()
     return jax.tree_util.tree_map(
@@ -154,7 +199,12 @@ def _filtered_optimizer(
     covariance: str,
     filter: bool,
     step_size_options: dict | None,
+    on_nonfinite: str,
 ) -> optax.GradientTransformationExtraArgs:
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {on_nonfinite!r}."
+        )
     rule = _as_step_size_rule(learning_rate, step_size_options)
     gradient_filter = GradientFilter(
         prior_variance=prior_variance,
@@ -183,6 +233,7 @@ def _filtered_optimizer(
             previous_step=jax.tree_util.tree_map(jnp.zeros_like, params),
             step_size=jnp.zeros((), dtype),
             step_size_state=rule.init(params),
+            skipped_updates=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
@@ -201,6 +252,7 @@ def _filtered_optimizer(
         if not isinstance(state, MekaState):
             raise TypeError(f"`state` must be a MekaState; got {type(state).__name__}.")
         check_same_structure(state.belief.mean, updates, "state.belief.mean", "updates")
+        _check_stats(stats, updates, params)
         # The (possibly transformed) incoming gradient is the observation g_t.
         observed = stats._replace(grad_mean=updates)
         posterior, noise, info = gradient_filter.update(state.belief, observed, state.noise, state.count)
@@ -242,7 +294,28 @@ def _filtered_optimizer(
             previous_step=step,
             step_size=alpha,
             step_size_state=step_size_state,
+            skipped_updates=state.skipped_updates,
         )
+        # Safeguard: a non-finite input (gradient, loss, HVP, their variances) or
+        # output (step) must not reach the belief, which would stay NaN forever.
+        # Only what Meka reads: the unused *_sq_sum fields would cost extra passes.
+        used = [updates, stats.loss_mean, stats.loss_var, stats.grad_var_mean, stats.hvp_mean, stats.hvp_var_mean]
+        if gradient_filter.covariance == "diagonal":
+            used += [stats.grad_var, stats.hvp_var]
+        finite = _all_finite(*used, step, alpha)
+        if on_nonfinite == "raise":
+            step = eqx.error_if(
+                step,
+                ~finite,
+                "Meka update: non-finite gradient, loss, Hessian-vector product or step "
+                "(on_nonfinite='raise'); use on_nonfinite='skip' to skip such updates.",
+            )
+            return step, new_state
+        skipped = state._replace(skipped_updates=optax.safe_increment(state.skipped_updates))
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), new_state, skipped
+        )
+        step = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), step)
         return step, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -258,6 +331,7 @@ def meka(
     covariance: str = "scalar",
     filter: bool = True,
     step_size_options: dict | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Meka: step along the Kalman-filtered gradient, $\theta_{t+1} = \theta_t - \alpha_t m_t$.
 
@@ -289,6 +363,19 @@ def meka(
     - ``filter``: ``False`` gives the unfiltered ablation $m_t = g_t$ (SGD with
       Meka's step-size machinery).
     - ``step_size_options``: keyword arguments for the probabilistic step size.
+    - ``on_nonfinite``: what to do when the gradient, the loss, the
+      Hessian-vector product, any of their variances or the resulting step
+      contains NaN or infinity.  ``"skip"`` (default): return zero updates,
+      keep the whole state (belief, noise averages, step-size state, the
+      previous step that drives the next HVP) and count the skip in
+      ``state.skipped_updates``.  ``"raise"``: raise at run time through
+      ``equinox.error_if`` (an ``EquinoxRuntimeError`` naming Meka).
+
+    **Raises** (at trace time): ``ValueError`` if ``updates``, ``params``,
+    ``stats.grad_mean`` / ``grad_var`` / ``hvp_mean`` / ``hvp_var`` differ
+    in pytree structure or shapes, or ``stats`` is not the reduced statistics
+    of one minibatch (non-scalar ``batch_size`` or ``*_mean``/``*_var_mean``
+    fields); ``TypeError`` if ``stats`` is missing.
 
     See `GradientFilter` for the noise conventions, smoothing and floor.
 
@@ -306,6 +393,7 @@ def meka(
         covariance=covariance,
         filter=filter,
         step_size_options=step_size_options,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -320,6 +408,7 @@ def adameka(
     covariance: str = "scalar",
     filter: bool = True,
     step_size_options: dict | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaMeka: Meka with the Adam-like direction $u_t = m_t / (\sqrt{m_t^2 + \operatorname{diag} P_t} + \epsilon)$.
 
@@ -346,6 +435,7 @@ def adameka(
         covariance=covariance,
         filter=filter,
         step_size_options=step_size_options,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -66,7 +66,12 @@ class Preconditioner(eqx.Module):
 
     def dense(self) -> jax.Array:
         """The dense $n \\times n$ matrix $G$ (for small $n$: costs $n$ mat-vecs and $n^2$ memory)."""
-        return self.matmat(jnp.eye(self.dim, dtype=self.scale.dtype))
+        return _dense(self)
+
+
+@eqx.filter_jit
+def _dense(preconditioner: Preconditioner) -> jax.Array:
+    return preconditioner.matmat(jnp.eye(preconditioner.dim, dtype=preconditioner.scale.dtype))
 
 
 def _all_false(module: eqx.Module) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -24,13 +25,33 @@ def default_hidden_dim(dim: int, block_size: int) -> int:
 
 
 def _random_orthogonal_blocks(key: jax.Array, shape: tuple[int, ...], k: int, dtype: Any) -> jax.Array:
-    """Haar-random orthogonal ``k x k`` blocks, shape ``shape + (k, k)``."""
+    """Haar-random orthogonal ``k x k`` blocks, shape ``shape + (k, k)``.
+
+    Gram-Schmidt (each projection applied twice, for accuracy) on Gaussian
+    columns: the Q factor of a QR with positive diagonal, which is Haar
+    distributed.  Written out because XLA compiles batched ``qr`` slowly on CPU.
+    """
     gaussian = jax.random.normal(key, shape + (k, k), dtype=dtype)
-    q, r = jnp.linalg.qr(gaussian)
-    # Sign fix so that the distribution is Haar (QR alone is biased).
-    signs = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
-    signs = jnp.where(signs == 0, 1, signs).astype(dtype)
-    return q * signs[..., None, :]
+    columns: list[jax.Array] = []
+    for j in range(k):
+        v = gaussian[..., :, j]
+        for _ in range(2):
+            for q in columns:
+                v = v - jnp.sum(q * v, axis=-1, keepdims=True) * q
+        columns.append(v / jnp.linalg.norm(v, axis=-1, keepdims=True))
+    return jnp.stack(columns, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _initial_arrays(key, depth, hidden_dim, block_size, dtype):
+    """Permutations, their inverses and orthogonal blocks (one compiled call, not many eager ops)."""
+    perm_key, block_key = jax.random.split(key)
+    # argsort of iid uniforms is a uniformly random permutation (ties have probability ~0).
+    permutations = jnp.argsort(jax.random.uniform(perm_key, (depth, hidden_dim)), axis=-1)
+    permutations = permutations.astype(jnp.int32)
+    inverse = jnp.argsort(permutations, axis=-1).astype(jnp.int32)
+    blocks = _random_orthogonal_blocks(block_key, (depth, hidden_dim // block_size), block_size, dtype)
+    return permutations, inverse, blocks
 
 
 class LodoPreconditioner(Preconditioner):
@@ -112,14 +133,8 @@ class LodoPreconditioner(Preconditioner):
             )
         key = check_key(key)
         dtype = as_float_dtype(dtype)
-        perm_key, block_key = jax.random.split(key)
-        perm_keys = jax.random.split(perm_key, depth)
-        permutations = jax.vmap(lambda k: jax.random.permutation(k, hidden_dim))(perm_keys)
-        permutations = permutations.astype(jnp.int32).reshape(depth, hidden_dim)
-        self.permutations = permutations
-        self.inverse_permutations = jnp.argsort(permutations, axis=-1).astype(jnp.int32)
-        self.blocks = _random_orthogonal_blocks(
-            block_key, (depth, hidden_dim // block_size), block_size, dtype
+        self.permutations, self.inverse_permutations, self.blocks = _initial_arrays(
+            key, depth, hidden_dim, block_size, dtype
         )
         self.scale = jnp.asarray(initial_learning_rate, dtype=dtype)
         self.input_dim = dim

@@ -13,7 +13,7 @@ $$f(\theta) = \mathbb E_\xi\, \ell(\theta, \xi),$$
 
 and ``loss(params, batch)`` returns the vector $(\ell(\theta, \xi_i))_{i=1}^B$
 (one loss per example, never averaged), which is the contract of
-[`batch_stats`][probopt.batch_stats].
+`probopt.batch_stats`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from .._validation import check_same_structure
 from ._fast import FastPlan, discover, fast_pass
-from ._generic import check_per_example_loss, generic_moments
+from ._generic import batch_size_of, check_per_example_loss, generic_moments
 from ._moments import sample_variance
 from ._types import BatchStats
 
@@ -125,12 +125,13 @@ def batch_stats(
     _check_params(params, "params")
     if direction is not None:
         check_same_structure(params, direction, "params", "direction")
-    n = check_per_example_loss(per_example_loss, params, batch)
+    n = batch_size_of(batch)
     return _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, method, per_parameter, n)
 
 
 @eqx.filter_jit
 def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, method, per_parameter, n):
+    check_per_example_loss(per_example_loss, params, batch)  # at trace time only
     leaves, treedef = jax.tree_util.tree_flatten(params)
     num_leaves = len(leaves)
     plan = None if method == "generic" else discover(per_example_loss, params, batch, n)

@@ -102,28 +102,35 @@ class Linear(eqx.nn.Linear):
         a2, d2 = a * a, d * d
         sum_a2, sum_d2 = jnp.sum(a2, axis=1), jnp.sum(d2, axis=1)
         grad_norm2 = sum_a2 * sum_d2 + (sum_d2 if has_bias else 0)
-        grad_sq = None
-        if per_parameter:
-            grad_sq = {"weight": d2.T @ a2}
-            if has_bias:
-                grad_sq["bias"] = jnp.sum(d2, axis=0)
+        grad_sq = {"bias": jnp.sum(d2, axis=0)} if per_parameter and has_bias else {}
         if d_dot is None:
-            return TapStats(grad_sq, grad_norm2, None, None)
+            if per_parameter:
+                grad_sq["weight"] = d2.T @ a2
+            return TapStats(grad_sq if per_parameter else None, grad_norm2, None, None)
         d_dot = d_dot.reshape(n, -1)
         dd2 = d_dot * d_dot
         sum_dd2 = jnp.sum(dd2, axis=1)
         hvp_norm2 = sum_dd2 * sum_a2 + (sum_dd2 if has_bias else 0)
-        hvp_sq = {"weight": dd2.T @ a2} if per_parameter else None
-        if a_dot is not None:
-            # h_i = dd_i a_i^T + d_i da_i^T, so h_i^2 expands into three outer products;
-            # a_dot is None when the input cannot depend on params (e.g. the data).
+        hvp_sq = {"bias": jnp.sum(dd2, axis=0)} if per_parameter and has_bias else {}
+        if a_dot is None:
+            # The input cannot depend on params (e.g. the data): h_i = dd_i a_i^T, and
+            # both weight statistics come from one matmul against a^2.
+            if per_parameter:
+                out = d.shape[1]
+                both = jnp.concatenate([d2, dd2], axis=1).T @ a2
+                grad_sq["weight"], hvp_sq["weight"] = both[:out], both[out:]
+        else:
+            # h_i = dd_i a_i^T + d_i da_i^T, so h_i^2 expands into three outer products,
+            # summed over examples by one matmul over a stacked contraction axis.
             a_dot = a_dot.reshape(n, -1)
             ad2, cross_d, cross_a = a_dot * a_dot, d_dot * d, a_dot * a
             hvp_norm2 = hvp_norm2 + sum_d2 * jnp.sum(ad2, axis=1) + 2 * jnp.sum(cross_d, axis=1) * jnp.sum(cross_a, axis=1)
             if per_parameter:
-                hvp_sq["weight"] = hvp_sq["weight"] + d2.T @ ad2 + 2 * cross_d.T @ cross_a
-        if per_parameter and has_bias:
-            hvp_sq["bias"] = jnp.sum(dd2, axis=0)
+                grad_sq["weight"] = d2.T @ a2
+                left = jnp.concatenate([dd2, d2, 2 * cross_d], axis=0)
+                hvp_sq["weight"] = left.T @ jnp.concatenate([a2, ad2, cross_a], axis=0)
+        if not per_parameter:
+            return TapStats(None, grad_norm2, None, hvp_norm2)
         return TapStats(grad_sq, grad_norm2, hvp_sq, hvp_norm2)
 
 

@@ -56,7 +56,7 @@ class Tape:
     """Records accepted layer calls of one traced fast-path pass.
 
     In *discovery* mode (``probes is None``) it only records the
-    [`TapSpec`][probopt.stats._tape.TapSpec] of every accepted call and how
+    `TapSpec` of every accepted call and how
     often every parameter leaf is used by instrumented layers.  In *run* mode
     it adds ``probes[k]`` to the output of the ``k``-th accepted call whose
     spec is marked active and records that call's input factor.
@@ -78,7 +78,6 @@ class Tape:
         self.specs: list[TapSpec] = []
         self.uses: Counter[int] = Counter()
         self.records: list[Any] = []
-        self.layers: list[Any] = []
 
     @contextlib.contextmanager
     def recording(self):
@@ -119,7 +118,6 @@ class Tape:
         if not self.active[k]:
             return y
         self.records.append(record())
-        self.layers.append(skeleton)
         return y + self.probes[sum(self.active[:k])]
 
 
