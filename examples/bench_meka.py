@@ -15,7 +15,11 @@ in which the variants run round-robin (so background load hits them alike):
   as well (what ``covariance="diagonal"`` needs);
 - ``meka (generic)``, with ``--generic``: statistics by ``vmap`` of
   ``jvp(grad)`` (any model; materialises B per-example gradients, slow);
-- ``adameka (fast, scalar)``.
+- ``adameka (fast, scalar)``;
+- ``meka + pi`` (and, with ``--all``, ``meka + quadratic`` and ``meka + ei``):
+  the probabilistic step-size rules on top of the scalar fast path.
+
+Targets: Meka step <= 3.0x an SGD step (issue 4), Meka+PI <= 3.5x (issue 5).
 
 Run: ``python examples/bench_meka.py`` (under a minute on two CPU cores).
 """
@@ -53,6 +57,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--inner", type=int, default=10, help="steps per timed round")
     parser.add_argument("--generic", action="store_true", help="also time the generic vmap path (slow)")
+    parser.add_argument("--all", action="store_true", help="also time the quadratic and EI step-size rules")
     args = parser.parse_args(argv)
 
     key = jax.random.key(0)
@@ -67,6 +72,9 @@ def main(argv=None):
     if args.generic:
         variants["meka (generic)"] = (meka(0.1), {"method": "generic", "per_parameter": False})
     variants["adameka (fast, scalar)"] = (adameka(1e-3), {"method": "fast", "per_parameter": False})
+    acquisitions = ("pi", "quadratic", "ei") if args.all else ("pi",)
+    for acquisition in acquisitions:
+        variants[f"meka + {acquisition}"] = (meka(acquisition), {"method": "fast", "per_parameter": False})
 
     runners = {}
     for name, (optimizer, options) in variants.items():
@@ -74,7 +82,7 @@ def main(argv=None):
             optimizer, cross_entropy, batch_stats_options=options)
         state = optimizer.init(params)
         p = params
-        for _ in range(3):  # compile, then run a few steps so the HVP direction is nonzero
+        for _ in range(3):  # compile, then a few steps so the HVP direction and curvature are set
             p, state, _ = step(p, state, batch)
         jax.block_until_ready(p)
         runners[name] = [step, p, state]

@@ -12,7 +12,7 @@ Descent" (2018):
   $\Phi_{t+1} = \Phi_t - \eta\,\mu_t / \sqrt{s_t + \epsilon}$;
 - conjugate hyperparameters $(\eta', N_g')$, tuned at batch size one and no
   momentum, give $N_g = \max(1, N_g'/B)$ and $\eta = B\eta'/N_g$ at batch size
-  $B$ (see [`conjugate_to_momentum`][probopt.optimizers._running_average.conjugate_to_momentum]).
+  $B$ (see [`conjugate_to_momentum`][probopt.optimizers.conjugate_to_momentum]).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def update_running_average(average: Any, observation: Any, count: jax.Array, tim
 
 
 class RunningAverageState(NamedTuple):
-    """State of [`running_average`][probopt.optimizers._running_average.running_average]."""
+    """State of [`running_average`][probopt.optimizers.running_average]."""
 
     count: jax.Array  # shape=(), number of observations averaged so far
     average: Any  # pytree like params
@@ -109,7 +109,7 @@ def running_average(time_constant: float) -> optax.GradientTransformation:
 
 
 class SimplifiedAdamState(NamedTuple):
-    """State of [`scale_by_simplified_adam`][probopt.optimizers._running_average.scale_by_simplified_adam]."""
+    """State of [`scale_by_simplified_adam`][probopt.optimizers.scale_by_simplified_adam]."""
 
     count: jax.Array  # shape=(), number of updates so far
     mu: Any  # running mean of the gradient, pytree like params
@@ -174,7 +174,7 @@ def simplified_adam(
 
     - `learning_rate`: $\eta$, a float or an optax schedule.
     - `momentum_time_constant`, `second_moment_time_constant`, `eps`: see
-      [`scale_by_simplified_adam`][probopt.optimizers._running_average.scale_by_simplified_adam].
+      [`scale_by_simplified_adam`][probopt.optimizers.scale_by_simplified_adam].
     """
     return optax.chain(
         scale_by_simplified_adam(momentum_time_constant, second_moment_time_constant, eps),
@@ -242,7 +242,7 @@ def conjugate_to_momentum(
     - `conjugate_time_constant`: $N_g' \ge 1$ (in examples).
     - `batch_size`: $B \ge 1$.
 
-    **Returns:** a [`MomentumHyperparameters`][probopt.optimizers._running_average.MomentumHyperparameters].
+    **Returns:** a [`MomentumHyperparameters`][probopt.optimizers.MomentumHyperparameters].
     """
     _check_positive(conjugate_learning_rate, "conjugate_learning_rate")
     _check_time_constant(conjugate_time_constant, "conjugate_time_constant")
@@ -258,7 +258,7 @@ def conjugate_to_momentum(
 def momentum_to_conjugate(
     learning_rate: Any, momentum_time_constant: Any, batch_size: Any
 ) -> ConjugateHyperparameters:
-    r"""Inverse of [`conjugate_to_momentum`][probopt.optimizers._running_average.conjugate_to_momentum].
+    r"""Inverse of [`conjugate_to_momentum`][probopt.optimizers.conjugate_to_momentum].
 
     $N_g' = B N_g$ and $\eta' = \eta N_g / B$.  When the forward map was
     floored ($N_g = 1$ because $N_g' < B$) the original $N_g'$ cannot be

@@ -65,7 +65,7 @@ from ..stats import BatchStats
 
 
 class SNRState(NamedTuple):
-    """State of [`scale_by_snr`][probopt.optimizers._snr.scale_by_snr].
+    """State of [`scale_by_snr`][probopt.optimizers.scale_by_snr].
 
     **Attributes:**
 
@@ -105,7 +105,7 @@ def scale_by_snr(
     r"""McAllester's SNR rule as a transformation: returns $\eta_t\odot\hat g_t$.
 
     Chain it with ``optax.scale(-1.0)`` (or use
-    [`snr_sgd`][probopt.optimizers._snr.snr_sgd]); the rule owns the learning
+    [`snr_sgd`][probopt.optimizers.snr_sgd]); the rule owns the learning
     rate, so do not chain another one.
 
     **Arguments:**
@@ -123,7 +123,7 @@ def scale_by_snr(
 
     **Extra arguments of `update`:**
 
-    - `stats`: a [`BatchStats`][probopt.BatchStats] with ``grad_var``;
+    - `stats`: a [`BatchStats`][probopt.stats.BatchStats] with ``grad_var``;
       keyword-only and required when ``variance="per_example"``, ignored
       otherwise.  ``updates`` should be its ``grad_mean``.
 
@@ -238,7 +238,7 @@ def snr_sgd(
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with McAllester's per-coordinate SNR learning rate: $\Phi \leftarrow \Phi - \eta_t\odot\hat g_t$.
 
-    Same arguments as [`scale_by_snr`][probopt.optimizers._snr.scale_by_snr];
+    Same arguments as [`scale_by_snr`][probopt.optimizers.scale_by_snr];
     pass ``stats=`` to ``update`` when ``variance="per_example"``.
     """
     return optax.chain(

@@ -30,7 +30,7 @@ class StepSizeContext(NamedTuple):
     - ``previous_belief``: the gradient posterior at $t-1$ ($m_{t-1}$, $P_{t-1}$).
     - ``belief``: the gradient posterior at $t$ ($m_t$, $P_t$).
     - ``previous_step``: $\delta_{t-1} = \theta_t - \theta_{t-1}$, pytree.
-    - ``stats``: the [`BatchStats`][probopt.BatchStats] at $\theta_t$
+    - ``stats``: the [`BatchStats`][probopt.stats.BatchStats] at $\theta_t$
       (``hvp_mean`` is $B_t\delta_{t-1}$).
     - ``process_noise``: $Q_t$ as used by the gradient filter.
     - ``observation_noise``: $\Sigma_t$ as used by the gradient filter.

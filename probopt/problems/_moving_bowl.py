@@ -104,11 +104,6 @@ class MovingQuadraticBowl(Problem):
         residual = params - self.centre.astype(params.dtype)
         return self.hessian_matrix.astype(params.dtype) @ residual
 
-    def hvp(self, params, vector):
-        params = self.check_params(params)
-        check_shape(vector, (self.dim,), "vector")
-        return self.hessian_matrix.astype(params.dtype) @ jnp.asarray(vector, params.dtype)
-
     def hessian(self, params):
         params = self.check_params(params)
         return self.hessian_matrix.astype(params.dtype)

@@ -80,11 +80,6 @@ class NoisyQuadratic(Problem):
         params = self.check_params(params)
         return self.hessian_matrix.astype(params.dtype) @ params
 
-    def hvp(self, params, vector):
-        params = self.check_params(params)
-        check_shape(vector, (self.dim,), "vector")
-        return self.hessian_matrix.astype(params.dtype) @ jnp.asarray(vector, params.dtype)
-
     def hessian(self, params):
         params = self.check_params(params)
         return self.hessian_matrix.astype(params.dtype)
