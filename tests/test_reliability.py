@@ -379,12 +379,9 @@ def test_float32_variance_survives_a_large_common_offset():
     assert abs(naive - ref_loss_var) / ref_loss_var > 1e-2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="batch_stats' fast path forms sum g_i^2 - n mean^2 in float32 (documented); "
-    "proposed fix in docs/reliability.md, remove this mark once probopt/stats adopts it",
-)
-def test_float32_fast_path_variance_survives_a_large_common_offset():
+@pytest.mark.parametrize("per_parameter", [True, False])
+def test_float32_fast_path_variance_survives_a_large_common_offset(per_parameter):
+    """sum g^2 - n mean^2 cancels here; the guard must redo the leaf generically."""
     from probopt.stats import Linear
 
     rng = np.random.default_rng(0)
@@ -394,9 +391,20 @@ def test_float32_fast_path_variance_survives_a_large_common_offset():
     def loss(model, batch):
         return jax.vmap(model)(batch["x"])[:, 0]
 
-    stats = batch_stats(loss, layer, {"x": jnp.asarray(x)}, method="fast")
+    stats = batch_stats(loss, layer, {"x": jnp.asarray(x)}, method="fast", per_parameter=per_parameter)
     reference = np.var(x.astype(np.float64), axis=0, ddof=1)
-    np.testing.assert_allclose(np.asarray(stats.grad_var.weight)[0], reference, rtol=1e-3)
+    assert stats.grad_var_mean.dtype == jnp.float32
+    np.testing.assert_allclose(float(stats.grad_var_mean), reference.mean(), rtol=1e-3)
+    if per_parameter:
+        np.testing.assert_allclose(np.asarray(stats.grad_var.weight)[0], reference, rtol=1e-3)
+        # sum g^2 itself is a sum of positive terms: still the fast value, accurate.
+        np.testing.assert_allclose(
+            np.asarray(stats.grad_sq_sum.weight)[0], np.sum(x.astype(np.float64) ** 2, axis=0), rtol=1e-5
+        )
+    # Without the guard the one-pass formula is wrong here, so this test can fail.
+    g = x.astype(np.float32)
+    one_pass = (np.sum(g * g, axis=0) - 64 * np.mean(g, axis=0) ** 2) / 63
+    assert np.max(np.abs(one_pass - reference) / reference) > 1e-1
 
 
 def test_float32_variance_does_not_overflow():

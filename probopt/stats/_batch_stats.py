@@ -30,6 +30,24 @@ def _check_params(params: Any, name: str) -> None:
             )
 
 
+# Fast-path cancellation guard.  Computed in floating point, sum_i x_i^2 - n mean^2
+# carries an absolute error of at most about 3 n eps sum_i x_i^2 (both terms are
+# sums of n terms).  Where the result is below _CANCELLATION_FACTOR times that
+# bound, i.e. M2 < 64 n eps sum_i x_i^2, it could be off by more than ~5%, so
+# the covered leaves are recomputed by the generic (two-pass, Chan-merged) path.
+_CANCELLATION_FACTOR = 64
+# Chunk size of that fallback when the caller gave none.  XLA reserves memory
+# for the branch even when it is not taken, so it goes one example at a time
+# (a few parameter-sized arrays, not n of them); it is rare, so its speed is not.
+_FALLBACK_CHUNK = 1
+
+
+def _cancels(m2: jax.Array, sq_sum: jax.Array, n: int) -> jax.Array:
+    """Whether any coordinate of ``sq_sum - n mean^2`` may have lost its relative accuracy."""
+    eps = jnp.finfo(jnp.result_type(sq_sum)).eps
+    return jnp.any(m2 < _CANCELLATION_FACTOR * n * eps * sq_sum)
+
+
 def _uncovered_names(params: Any, plan: FastPlan) -> list[str]:
     covered = set(plan.covered)
     paths = jax.tree_util.tree_leaves_with_path(params)
@@ -164,21 +182,59 @@ def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, met
         grad_mean = [g / n for g in fast.grad_sum]
         if with_hvp:
             hvp_mean = [h / n for h in fast.hvp_sum]
-        # sum_i (x_i - mean)^2 = sum_i x_i^2 - n mean^2, clamped against round-off.
+        # sum_i (x_i - mean)^2 = sum_i x_i^2 - n mean^2, clamped against round-off;
+        # where that cancels (see `_cancels`) the covered leaves are redone generically.
+        covered = list(plan.covered)
         if per_parameter:
-            for j in plan.covered:
-                grad_sq[j], hvp_sq[j] = fast.grad_sq[j], fast.hvp_sq.get(j)
-                grad_m2[j] = jnp.maximum(fast.grad_sq[j] - n * grad_mean[j] ** 2, 0)
-                grad_m2_total = grad_m2_total + jnp.sum(grad_m2[j])
-                if with_hvp:
-                    hvp_m2[j] = jnp.maximum(fast.hvp_sq[j] - n * hvp_mean[j] ** 2, 0)
-                    hvp_m2_total = hvp_m2_total + jnp.sum(hvp_m2[j])
-        else:
-            grad_mean_sq = sum(jnp.sum(grad_mean[j] ** 2) for j in plan.covered)
-            grad_m2_total = jnp.maximum(fast.grad_norm2_sum - n * grad_mean_sq, 0)
+            fast_m2 = [jnp.maximum(fast.grad_sq[j] - n * grad_mean[j] ** 2, 0) for j in covered]
+            suspect = [_cancels(m, fast.grad_sq[j], n) for m, j in zip(fast_m2, covered)]
             if with_hvp:
-                hvp_mean_sq = sum(jnp.sum(hvp_mean[j] ** 2) for j in plan.covered)
-                hvp_m2_total = jnp.maximum(fast.hvp_norm2_sum - n * hvp_mean_sq, 0)
+                fast_hvp_m2 = [jnp.maximum(fast.hvp_sq[j] - n * hvp_mean[j] ** 2, 0) for j in covered]
+                suspect += [_cancels(m, fast.hvp_sq[j], n) for m, j in zip(fast_hvp_m2, covered)]
+            else:
+                fast_hvp_m2 = None
+        else:
+            grad_mean_sq = sum(jnp.sum(grad_mean[j] ** 2) for j in covered)
+            fast_m2 = [jnp.maximum(fast.grad_norm2_sum - n * grad_mean_sq, 0)]
+            suspect = [_cancels(fast_m2[0], fast.grad_norm2_sum, n)]
+            if with_hvp:
+                hvp_mean_sq = sum(jnp.sum(hvp_mean[j] ** 2) for j in covered)
+                fast_hvp_m2 = [jnp.maximum(fast.hvp_norm2_sum - n * hvp_mean_sq, 0)]
+                suspect.append(_cancels(fast_hvp_m2[0], fast.hvp_norm2_sum, n))
+            else:
+                fast_hvp_m2 = None
+
+        def recompute_generically():
+            _, grad_mom, hvp_mom = generic_moments(
+                per_example_loss, params, batch, n, direction=direction,
+                chunk_size=_FALLBACK_CHUNK if chunk_size is None else chunk_size,
+                per_parameter=per_parameter, select=covered,
+            )
+            cast_like = lambda new, old: [jnp.asarray(a, b.dtype) for a, b in zip(new, old)]  # noqa: E731
+            grad_m2_new = grad_mom.m2 if per_parameter else [sum(jnp.sum(m) for m in grad_mom.m2)]
+            if not with_hvp:
+                return cast_like(grad_m2_new, fast_m2), None
+            hvp_m2_new = hvp_mom.m2 if per_parameter else [sum(jnp.sum(m) for m in hvp_mom.m2)]
+            return cast_like(grad_m2_new, fast_m2), cast_like(hvp_m2_new, fast_hvp_m2)
+
+        # Only the taken branch runs (outside vmap), so the usual cost is one
+        # comparison per leaf.
+        if n > 1:  # with one example every variance is reported as 0 anyway
+            fast_m2, fast_hvp_m2 = jax.lax.cond(
+                jnp.any(jnp.stack(suspect)), recompute_generically, lambda: (fast_m2, fast_hvp_m2)
+            )
+        if per_parameter:
+            for k, j in enumerate(covered):
+                grad_sq[j], hvp_sq[j] = fast.grad_sq[j], fast.hvp_sq.get(j)
+                grad_m2[j] = fast_m2[k]
+                grad_m2_total = grad_m2_total + jnp.sum(fast_m2[k])
+                if with_hvp:
+                    hvp_m2[j] = fast_hvp_m2[k]
+                    hvp_m2_total = hvp_m2_total + jnp.sum(fast_hvp_m2[k])
+        else:
+            grad_m2_total = fast_m2[0]
+            if with_hvp:
+                hvp_m2_total = fast_hvp_m2[0]
         rest = [j for j in range(num_leaves) if j not in set(plan.covered)]
         if rest:
             _, grad_mom, hvp_mom = generic_moments(
