@@ -443,14 +443,18 @@ def test_inject_hyperparams():
     assert isinstance(optax.tree.get(state, "preconditioner"), LodoPreconditioner)
 
 
-def test_nonfinite_hypergradient_skips_meta_step():
-    opt = lodo(1e-2, 0.3, 0.5, key=jax.random.key(0), depth=2)
-    state = opt.init(jnp.ones(3))
-    _, state = opt.update(jnp.ones(3), state)
-    blocks = state.preconditioner.blocks
-    _, state = opt.update(jnp.array([jnp.nan, 1.0, 1.0]), state)
+@pytest.mark.parametrize("dim, depth, bad", [(3, 2, jnp.nan), (100, 4, jnp.nan), (100, 4, jnp.inf)])
+def test_nonfinite_hypergradient_skips_meta_step(dim, depth, bad):
+    # The meta-step is skipped whole: theta and the Adam moments and count stay put.
+    opt = lodo(1e-2, 0.3, 0.5, key=jax.random.key(0), depth=depth)
+    state = opt.init(jnp.ones(dim))
+    _, state = jax.jit(opt.update)(jnp.ones(dim), state)
+    blocks, meta_state = state.preconditioner.blocks, state.meta_state
+    _, state = jax.jit(opt.update)(jnp.ones(dim).at[0].set(bad), state)
     assert int(state.skipped_meta_updates) == 1
     np.testing.assert_array_equal(state.preconditioner.blocks, blocks)
+    for new, old in zip(jax.tree.leaves(state.meta_state), jax.tree.leaves(meta_state)):
+        np.testing.assert_array_equal(new, old)
 
 
 def test_bad_arguments_raise():

@@ -8,7 +8,6 @@ for the Kalman kernels (symmetric PSD covariances) and for the PI solver
 here the gradient filter is tested the same way on whole minibatch statistics.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -89,23 +88,18 @@ def test_sharded_batch_gives_the_same_stats_and_steps():
 
 
 @pytest.mark.slow
-def test_order_independent_reduction_makes_sharded_stats_bit_identical():
-    """The proposed reduction for probopt/stats (tests/_scripts/reproducible_sum.py)."""
+def test_reproducible_generic_path_makes_sharded_stats_and_meka_steps_bit_identical():
+    """``batch_stats(..., reproducible=True)``: exact equality across shardings on the generic path."""
     result = _run_sharded_script("--quick", "--deterministic")
-    for dtype in ("float64", "float32"):
-        assert result[dtype] == {"stats_generic": 0.0, "meka_params": 0.0, "meka_state": 0.0}, result
+    assert result["float64"] == {"stats_generic": 0.0, "meka_params": 0.0, "meka_state": 0.0}, result
+    assert result["float32"] == {"stats_generic": 0.0, "meka_params": 0.0, "meka_state": 0.0}, result
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_reproducible_sum_is_exact_up_to_one_rounding_and_order_free(dtype):
     from fractions import Fraction
 
-    spec = importlib.util.spec_from_file_location(
-        "reproducible_sum", os.path.join(os.path.dirname(SHARDED_SCRIPT), "reproducible_sum.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    reproducible_sum = module.reproducible_sum
+    from probopt.stats._reproducible_sum import reproducible_sum
 
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(16, 5)) * 10.0 ** rng.uniform(-4, 4, size=(16, 5))).astype(dtype)
@@ -117,6 +111,34 @@ def test_reproducible_sum_is_exact_up_to_one_rounding_and_order_free(dtype):
     # ... and the value is the exact sum to within the dtype's rounding.
     exact = np.array([float(sum(Fraction(float(v)) for v in x[:, j])) for j in range(5)])
     np.testing.assert_allclose(total.astype(np.float64), exact, rtol=2 * float(np.finfo(dtype).eps))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_reproducible_batch_stats_do_not_depend_on_example_order(dtype):
+    """Order-free batch sums: a permuted batch gives the same bits; values match the plain path."""
+    batch = sample_batch(jax.random.key(3), n=24, dtype=dtype)
+    batch["xi"] = batch["xi"] * jnp.asarray([1.0, 1e3, 1e-3], dtype)  # terms of very different scales
+    params, direction = jnp.full((DIM,), 0.5, dtype), jnp.asarray([1.0, -2.0, 0.5], dtype)
+    perm = np.random.default_rng(0).permutation(24)
+    permuted = {"xi": batch["xi"][perm]}
+    run = lambda b, r: batch_stats(quadratic_loss, params, b, direction=direction, reproducible=r)  # noqa: E731
+    assert_trees_equal(run(batch, True), run(permuted, True))
+    tol = 1e-12 if dtype == jnp.float64 else 1e-5
+    for x, y in zip(leaves(run(batch, True)), leaves(run(batch, False))):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * np.max(np.abs(y)))
+
+
+def test_reproducible_sum_takes_enough_folds_and_survives_huge_terms():
+    from probopt.stats._reproducible_sum import default_folds, reproducible_sum
+
+    assert default_folds(16, jnp.float64) == 2 and default_folds(1024, jnp.float32) == 3
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1024, 3)).astype(np.float32) * np.float32(1e3)
+    exact = np.sum(x.astype(np.float64), axis=0)
+    np.testing.assert_allclose(np.asarray(reproducible_sum(jnp.asarray(x))), exact, rtol=1e-5, atol=1e-3)
+    # sigma would overflow float32 here: the column falls back to a plain finite sum, not NaN.
+    big = jnp.full((8, 1), 1e37, jnp.float32)
+    np.testing.assert_allclose(np.asarray(reproducible_sum(big)), [8e37], rtol=1e-6)
 
 
 # =========================================================================== 2. checkpoint
@@ -405,6 +427,27 @@ def test_float32_fast_path_variance_survives_a_large_common_offset(per_parameter
     g = x.astype(np.float32)
     one_pass = (np.sum(g * g, axis=0) - 64 * np.mean(g, axis=0) ** 2) / 63
     assert np.max(np.abs(one_pass - reference) / reference) > 1e-1
+
+
+def test_float32_fast_path_hvp_variance_survives_a_large_common_offset():
+    """Same guard for the HVPs: h_i = x_i (x_i . delta) for a squared linear output."""
+    from probopt.stats import Linear
+
+    rng = np.random.default_rng(1)
+    x = (1e3 + 1e-1 * rng.normal(size=(32, DIM))).astype(np.float32)
+    layer = Linear(DIM, 1, use_bias=False, key=jax.random.key(0), dtype=jnp.float32)
+    layer = eqx.tree_at(lambda m: m.weight, layer, jnp.full((1, DIM), 1e-3, jnp.float32))
+    delta = eqx.tree_at(lambda m: m.weight, layer, jnp.asarray([[1.0, -0.5, 0.25]], jnp.float32))
+
+    def loss(model, batch):
+        return 0.5 * jax.vmap(model)(batch["x"])[:, 0] ** 2
+
+    stats = batch_stats(loss, layer, {"x": jnp.asarray(x)}, direction=delta, method="fast")
+    x64, w, d = x.astype(np.float64), np.full(DIM, 1e-3), np.array([1.0, -0.5, 0.25])
+    g, h = x64 * (x64 @ w)[:, None], x64 * (x64 @ d)[:, None]
+    np.testing.assert_allclose(np.asarray(stats.grad_var.weight)[0], np.var(g, axis=0, ddof=1), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(stats.hvp_var.weight)[0], np.var(h, axis=0, ddof=1), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(stats.hvp_mean.weight)[0], h.mean(axis=0), rtol=1e-5)
 
 
 def test_float32_variance_does_not_overflow():

@@ -227,8 +227,8 @@ class LodoPreconditioner(Preconditioner):
             # Swap the pair: d(b^T a)/dB = b_bar u_v^T + a_bar u_c^T.  Written
             # elementwise (not einsum): a batched 4x4 dot per layer is a slow
             # separate kernel on CPU, this fuses.
-            p, u = pulled.reshape(2, -1, k), u.reshape(2, -1, k)
-            grad = p[1, :, :, None] * u[0, :, None, :] + p[0, :, :, None] * u[1, :, None, :]
+            bar, u = pulled.reshape(2, -1, k), u.reshape(2, -1, k)
+            grad = bar[1, :, :, None] * u[0, :, None, :] + bar[0, :, :, None] * u[1, :, None, :]
             pulled = _apply_blocks_transposed(block, pulled)[:, inv_perm]
             return pulled, grad
 

@@ -101,12 +101,15 @@ def generic_moments(
     chunk_size: int | None = None,
     per_parameter: bool = True,
     select: Sequence[int] | None = None,
+    reproducible: bool = False,
 ) -> tuple[Moments, Moments, Moments | None]:
     """Moments of per-example losses, gradients and HVP rows of the selected leaves.
 
     Returns ``(loss_moments, grad_moments, hvp_moments)``; gradient and HVP
     moments hold one entry per selected leaf of ``params`` (all leaves by
-    default), ``hvp_moments`` is ``None`` without ``direction``.
+    default), ``hvp_moments`` is ``None`` without ``direction``.  With
+    ``reproducible`` the batch-axis sums inside each chunk are order-independent
+    (see ``_reproducible_sum``); the merge across chunks is a fixed sequence.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     select = list(range(len(leaves))) if select is None else list(select)
@@ -115,9 +118,9 @@ def generic_moments(
 
     def chunk_stats(chunk):
         losses, grads, hvps = jax.vmap(one)(chunk)
-        loss_m = chunk_moments([losses], per_coordinate=True)
-        grad_m = chunk_moments(grads, per_parameter)
-        hvp_m = None if hvps is None else chunk_moments(hvps, per_parameter)
+        loss_m = chunk_moments([losses], True, reproducible)
+        grad_m = chunk_moments(grads, per_parameter, reproducible)
+        hvp_m = None if hvps is None else chunk_moments(hvps, per_parameter, reproducible)
         return loss_m, grad_m, hvp_m
 
     chunk = n if chunk_size is None else min(int(chunk_size), n)

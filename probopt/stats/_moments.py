@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._reproducible_sum import reproducible_sum
+
 
 class Moments(NamedTuple):
     """Moments of a list of per-example arrays.
@@ -38,11 +40,19 @@ class Moments(NamedTuple):
     m2: list
 
 
-def chunk_moments(stacked: list, per_coordinate: bool) -> Moments:
-    """Two-pass moments of arrays stacked along axis 0."""
+def chunk_moments(stacked: list, per_coordinate: bool, reproducible: bool = False) -> Moments:
+    """Two-pass moments of arrays stacked along axis 0.
+
+    With ``reproducible``, both batch-axis sums use `reproducible_sum`, so
+    the result has the same bits however the axis is split across devices.
+    """
     count = jnp.asarray(stacked[0].shape[0], dtype=jnp.result_type(stacked[0]))
-    mean = [jnp.mean(x, axis=0) for x in stacked]
-    sq_dev = [jnp.sum((x - m) ** 2, axis=0) for x, m in zip(stacked, mean)]
+    if reproducible:
+        mean = [reproducible_sum(x, axis=0) / count for x in stacked]
+        sq_dev = [reproducible_sum((x - m) ** 2, axis=0) for x, m in zip(stacked, mean)]
+    else:
+        mean = [jnp.mean(x, axis=0) for x in stacked]
+        sq_dev = [jnp.sum((x - m) ** 2, axis=0) for x, m in zip(stacked, mean)]
     m2 = sq_dev if per_coordinate else [jnp.sum(s) for s in sq_dev]
     return Moments(count, mean, m2)
 

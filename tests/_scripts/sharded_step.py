@@ -1,8 +1,9 @@
 """Run in a subprocess with 4 virtual CPU devices: sharded vs unsharded results.
 
 Usage: ``python tests/_scripts/sharded_step.py [float64] [float32] [--quick]``
-(both dtypes by default; ``--quick`` skips the MLP; ``--deterministic`` swaps
-in the order-independent batch reduction of ``reproducible_sum.py``).  Prints one JSON line
+(both dtypes by default; ``--quick`` skips the MLP; ``--deterministic`` passes
+``reproducible=True`` to every ``batch_stats`` call, the order-independent
+batch reduction of the generic path).  Prints one JSON line
 ``{dtype: {quantity: max relative difference}}`` (per leaf,
 ``max|sharded - unsharded| / max|unsharded|``),
 which ``tests/test_reliability.py`` asserts on.  A separate process is needed
@@ -73,8 +74,11 @@ def max_rel(a, b):
     return max(diffs)
 
 
+OPTIONS = {"reproducible": "--deterministic" in sys.argv[1:]}
+
+
 def compare_stats(loss, params, batch, direction):
-    fn = jax.jit(lambda p, b, d: batch_stats(loss, p, b, direction=d))
+    fn = jax.jit(lambda p, b, d: batch_stats(loss, p, b, direction=d, **OPTIONS))
     unsharded = fn(params, batch, direction)
     sharded_batch = jax.device_put(batch, BATCH)
     assert len(jax.tree_util.tree_leaves(sharded_batch)[0].sharding.device_set) == 4
@@ -83,7 +87,7 @@ def compare_stats(loss, params, batch, direction):
 
 
 def compare_steps(optimizer, loss, params, batches):
-    step = make_step(optimizer, loss)
+    step = make_step(optimizer, loss, batch_stats_options=OPTIONS)
     p_u, s_u = params, optimizer.init(params)
     p_s, s_s = jax.device_put(params, REPLICATED), jax.device_put(optimizer.init(params), REPLICATED)
     for batch in batches:
@@ -127,12 +131,6 @@ def run(dtype_name, quick=False):
 
 
 if __name__ == "__main__":
-    if "--deterministic" in sys.argv[1:]:
-        # Prototype of the proposed change to probopt/stats/_moments.py.
-        import probopt.stats._generic as generic
-        from reproducible_sum import reproducible_chunk_moments
-
-        generic.chunk_moments = reproducible_chunk_moments
     quick = "--quick" in sys.argv[1:]
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["float64", "float32"]
     print(json.dumps({name: run(name, quick) for name in names}))
