@@ -219,7 +219,9 @@ def _filtered_optimizer(
         belief = gradient_filter.init(params)
         noise = gradient_filter.init_noise(params)
         dtype = _dtype_of(params)
-        zero_gain = noise.observation_noise
+        # No observation has been conditioned on yet: the gain is zero, shaped
+        # like the observation noise (scalar or per-parameter).
+        zero_gain = jax.tree_util.tree_map(jnp.zeros_like, noise.observation_noise)
         return MekaState(
             count=jnp.zeros((), jnp.int32),
             belief=belief,
