@@ -78,7 +78,14 @@ def _children(node: Any) -> list[tuple[str, Any]] | None:
     return None
 
 
-def _walk(node: Any, path: tuple[str, ...], beliefs: list, arrays: list) -> None:
+def _walk(
+    node: Any, path: tuple[str, ...], beliefs: list, arrays: list, layout: "_Layout | None" = None
+) -> None:
+    """Collect ``(path, belief)`` and ``(path, array)`` pairs from a state.
+
+    With a ``layout``, containers shaped like the parameters are kept whole (so
+    they can be flattened onto the ``param`` dim) instead of being descended.
+    """
     if node is None or _is_key_array(node):
         return
     if isinstance(node, GaussianBelief):
@@ -87,11 +94,14 @@ def _walk(node: Any, path: tuple[str, ...], beliefs: list, arrays: list) -> None
     if _is_array(node):
         arrays.append((path, node))
         return
+    if layout is not None and path and layout.is_param_like(node):
+        arrays.append((path, node))
+        return
     children = _children(node)
     if children is None:  # static data, functions, ...: not part of a trace
         return
     for name, child in children:
-        _walk(child, path + (name,), beliefs, arrays)
+        _walk(child, path + (name,), beliefs, arrays, layout)
 
 
 def find_beliefs(trace: Any) -> dict[str, GaussianBelief]:
@@ -228,26 +238,6 @@ def _choose_template(beliefs: list, nlead: int) -> Any:
             best_size = size
             best = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x)[nlead:]), belief.mean)
     return best
-
-
-def _walk_with_params(node: Any, path: tuple[str, ...], layout: _Layout, out: list, beliefs: list) -> None:
-    """Like ``_walk`` but keeps parameter-shaped containers whole."""
-    if node is None or _is_key_array(node):
-        return
-    if isinstance(node, GaussianBelief):
-        beliefs.append((path, node))
-        return
-    if _is_array(node):
-        out.append((path, node))
-        return
-    if path and layout.is_param_like(node):
-        out.append((path, node))
-        return
-    children = _children(node)
-    if children is None:
-        return
-    for name, child in children:
-        _walk_with_params(child, path + (name,), layout, out, beliefs)
 
 
 def _coords(dataset_vars: dict, layout: _Layout, steps: Any, param_names: Sequence[str] | None) -> dict:
@@ -419,7 +409,7 @@ def to_inference_data(
 
     arrays: list = []
     beliefs: list = []
-    _walk_with_params(trace, (), layout, arrays, beliefs)
+    _walk(trace, (), beliefs, arrays, layout)
     variables: dict[str, tuple] = {}
     for path, belief in beliefs:
         variables.update(_belief_variables(_name(path), belief, layout))
