@@ -118,6 +118,13 @@ def _check_hyperparameters(meta_learning_rate, initial_learning_rate, momentum) 
         raise ValueError(f"`momentum` must lie in [0, 1); got {momentum!r}.")
 
 
+
+def _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer):
+    """Every LODO variant's meta-optimizer defaults to Keras-default Adam (the paper's)."""
+    if meta_optimizer is None:
+        meta_optimizer = keras_adam(meta_learning_rate)
+    return meta_learned_preconditioner(make, meta_optimizer, initial_learning_rate, momentum)
+
 def _check_structure(block_size, depth, hidden_dim) -> None:
     for name, value, low in (("block_size", block_size, 1), ("depth", depth, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -299,9 +306,7 @@ def lodo(
             unroll=unroll,
         )
 
-    if meta_optimizer is None:
-        meta_optimizer = keras_adam(meta_learning_rate)
-    return meta_learned_preconditioner(make, meta_optimizer, initial_learning_rate, momentum)
+    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
 
 
 def lodo_no_momentum(
@@ -355,8 +360,7 @@ def lodo_diagonal(
     def make(dim, dtype):
         return DiagonalPreconditioner(dim, initial_learning_rate=initial_learning_rate, dtype=dtype)
 
-    meta_optimizer = keras_adam(meta_learning_rate) if meta_optimizer is None else meta_optimizer
-    return meta_learned_preconditioner(make, meta_optimizer, initial_learning_rate, momentum)
+    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
 
 
 def lodo_global(
@@ -379,8 +383,7 @@ def lodo_global(
     def make(dim, dtype):
         return ScalarPreconditioner(dim, initial_learning_rate=initial_learning_rate, dtype=dtype)
 
-    meta_optimizer = keras_adam(meta_learning_rate) if meta_optimizer is None else meta_optimizer
-    return meta_learned_preconditioner(make, meta_optimizer, initial_learning_rate, momentum)
+    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
 
 
 def lodo_residuals(
@@ -414,5 +417,4 @@ def lodo_residuals(
             dtype=dtype,
         )
 
-    meta_optimizer = keras_adam(meta_learning_rate) if meta_optimizer is None else meta_optimizer
-    return meta_learned_preconditioner(make, meta_optimizer, initial_learning_rate, momentum)
+    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
