@@ -20,12 +20,17 @@ background load hits them alike):
 
 Memory is XLA's estimate for the compiled function
 (``compiled.memory_analysis()``): "peak" = arguments + outputs + temporaries
-- aliased, "temp" = the working memory alone.  Both are ratios to the plain
-gradient step.  Peak includes the statistics themselves (the fast variant
-returns six parameter-sized pytrees and takes a direction), so for a small
-model whose parameters outweigh its activations the working-memory ratio is
-the one that shows whether ``n x P`` arrays were avoided.  "min x" is the
-ratio of the fastest rounds, less sensitive to background load.
+- aliased, "temp" = the working memory alone, and "floor" = arguments +
+outputs, what any implementation of that variant must hold (the fast
+variant takes a direction and returns four parameter-sized pytrees, so on a
+small model whose parameters outweigh its activations its floor alone is
+above 2x the gradient's peak).  All are ratios to the plain gradient step.
+"min x" is the ratio of the fastest rounds, less sensitive to background load.
+
+The batch-size sweep (compile only, nothing runs) shows where memory grows
+with the batch: the slope "per example" of the peak between the smallest and
+largest batch is about the activations' size for the gradient and the fast
+path, and about the parameter count for the generic path without chunks.
 
 Run: ``python examples/bench_batch_stats.py`` (a few minutes on two CPU cores;
 ``--skip-cnn`` for the MLP alone, ``--mnist-mlp`` adds DeepOBS' larger MLP).
@@ -45,18 +50,13 @@ from models.mlp import MLP, cross_entropy
 from probopt.stats import batch_stats
 
 
-def _memory(fn, *args) -> tuple[float, float]:
-    """(peak, temporaries) in bytes from XLA's memory analysis of the compiled function."""
+def _memory(fn, *args) -> tuple[float, float, float]:
+    """(peak, temporaries, arguments + outputs) in bytes from XLA's analysis of the compiled function."""
     analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
     if analysis is None:
-        return float("nan"), float("nan")
-    peak = (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
-    return float(peak), float(analysis.temp_size_in_bytes)
+        return float("nan"), float("nan"), float("nan")
+    own = analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+    return float(own + analysis.temp_size_in_bytes), float(analysis.temp_size_in_bytes), float(own)
 
 
 def _time_round_robin(fns: dict, args: tuple, repeats: int) -> dict:
@@ -109,23 +109,45 @@ def bench(title: str, model, batch, repeats: int, generic_chunk: int | None, wit
         fns["generic"] = stats("generic", chunk_size=generic_chunk)
         times.update(_time_round_robin({"generic": fns["generic"]}, args, 3))
     memory = {name: _memory(fn, *args) for name, fn in fns.items()}
-    base_t, (base_peak, base_temp) = times["grad"], memory["grad"]
+    base_t, base_peak, base_temp = times["grad"], memory["grad"][0], memory["grad"][1]
     width = max(len(name) for name in fns) + 2
     print(f"\n{title}")
-    print(f"{'variant':<{width}}{'median ms':>11}{'x grad':>8}{'min x':>8}{'peak MB':>9}{'x grad':>8}{'temp MB':>9}{'x grad':>8}")
+    print(
+        f"{'variant':<{width}}{'median ms':>11}{'x grad':>8}{'min x':>8}{'peak MB':>9}{'x grad':>8}"
+        f"{'floor x':>9}{'temp MB':>9}{'x grad':>8}"
+    )
     for name in fns:
-        peak, temp = memory[name]
+        peak, temp, own = memory[name]
         print(
             f"{name:<{width}}{1e3 * times[name][0]:>11.2f}{times[name][0] / base_t[0]:>8.2f}"
             f"{times[name][1] / base_t[1]:>8.2f}{peak / 2**20:>9.2f}{peak / base_peak:>8.2f}"
-            f"{temp / 2**20:>9.2f}{temp / base_temp:>8.2f}"
+            f"{own / base_peak:>9.2f}{temp / 2**20:>9.2f}{temp / base_temp:>8.2f}"
         )
     return times, memory
 
 
+def memory_sweep(model, make_batch, batch_sizes) -> None:
+    """Peak memory (compile only) against the batch size: what grows per example."""
+    direction = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), model)
+    variants = {
+        "grad": lambda m, b, d: jax.grad(lambda m: jnp.mean(cross_entropy(m, b)))(m),
+        "fast": lambda m, b, d: batch_stats(cross_entropy, m, b, direction=d, method="fast"),
+        "fast scalar": lambda m, b, d: batch_stats(
+            cross_entropy, m, b, direction=d, method="fast", per_parameter=False
+        ),
+        "generic": lambda m, b, d: batch_stats(cross_entropy, m, b, direction=d, method="generic"),
+    }
+    peaks = {name: [_memory(fn, model, make_batch(n), direction)[0] for n in batch_sizes] for name, fn in variants.items()}
+    print(f"\npeak MB against the batch size (XLA's estimate; compile only)")
+    print(f"{'variant':<14}" + "".join(f"{'B=' + str(n):>10}" for n in batch_sizes) + f"{'KB/example':>12}")
+    for name, values in peaks.items():
+        slope = (values[-1] - values[0]) / (batch_sizes[-1] - batch_sizes[0])
+        print(f"{name:<14}" + "".join(f"{v / 2**20:>10.2f}" for v in values) + f"{slope / 2**10:>12.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--skip-cnn", action="store_true")
     parser.add_argument("--mnist-mlp", action="store_true", help="also DeepOBS mnist_mlp (784-1000-500-100-10)")
     args = parser.parse_args()
@@ -134,20 +156,23 @@ def main():
     key = jax.random.key(0)
     k_model, k_x, k_y = jax.random.split(key, 3)
 
-    x = jax.random.normal(k_x, (128, 784), jnp.float32)
-    y = jax.random.randint(k_y, (128,), 0, 10)
-    bench("MLP 784-100-10, B=128 (targets: fast <= 3.0x time, <= 2x memory)",
-          MLP((784, 100, 10), key=k_model), (x, y), args.repeats, generic_chunk=None)
+    def mnist_like(n):
+        return jax.random.normal(k_x, (n, 784), jnp.float32), jax.random.randint(k_y, (n,), 0, 10)
+
+    mlp = MLP((784, 100, 10), key=k_model)
+    bench("MLP 784-100-10, B=128 (targets: fast <= 3.0x time, <= 2x memory)", mlp, mnist_like(128),
+          args.repeats, generic_chunk=None)
+    memory_sweep(mlp, mnist_like, (32, 128, 512, 2048))
 
     if args.mnist_mlp:
         bench("DeepOBS mnist_mlp 784-1000-500-100-10, B=128 (generic in chunks of 16)",
-              MLP.deepobs_mnist_mlp(k_model), (x, y), max(args.repeats // 4, 3), generic_chunk=16)
+              MLP.deepobs_mnist_mlp(k_model), mnist_like(128), max(args.repeats // 4, 3), generic_chunk=16)
 
     if not args.skip_cnn:
         images = jax.random.normal(k_x, (32, 32, 32, 3), jnp.float32)
         labels = jax.random.randint(k_y, (32,), 0, 10)
         bench("DeepOBS 3c3d, 32x32x3, B=32 (targets: fast <= 4x time, <= 2x memory)",
-              CNN3c3d(key=k_model), (images, labels), max(args.repeats // 2, 3), generic_chunk=8)
+              CNN3c3d(key=k_model), (images, labels), max(args.repeats // 5, 3), generic_chunk=8)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,10 @@ def bench_bowl(repeats: int, scan_steps: int, scan_repeats: int) -> None:
           f"   ratio {scan_t['lodo'] / a:.2f}")
     for name in parts:
         print(f"    LODO part {name:24s}: {scan_t[name] * 1e6:6.1f} us = {scan_t[name] / a:4.1f} x adam step")
+    # Every exact LODO step runs 4 sequential passes through the N layers (2 for
+    # the hypergradient under theta_t, 2 for the step under theta_{t+1}); "G m" is 2.
+    floor = 2 * scan_t["G m"] + scan_t["Adam meta-step on theta"]
+    print(f"    floor: 2 x (G m) + meta-step = {floor * 1e6:.1f} us = {floor / a:.1f} x adam step")
     print(f"  state bytes          : adam {state_bytes(optimizers['adam'].init(jnp.zeros(n)))}"
           f"   lodo {state_bytes(state)}")
 

@@ -298,6 +298,39 @@ def test_chunked_generic_equals_unchunked_and_scalar_mode():
     np.testing.assert_allclose(no_direction.grad_var_mean, whole.grad_var_mean, rtol=1e-10)
 
 
+@pytest.mark.parametrize("per_parameter", [True, False])
+def test_centred_square_sums_about_known_means_match_the_loop(per_parameter):
+    """The fast path's fallback kernel: sum_i (x_i - mean)^2 in chunks (with a remainder)."""
+    from probopt.stats._generic import centred_square_sums
+
+    key = jax.random.key(11)
+    model, batch = mlp_case(key, 7, True)
+    direction = random_like(model, jax.random.fold_in(key, 2))
+    ref = reference_stats(cross_entropy, model, batch, direction)
+    leaves, unravel = ravel_pytree(model)
+    means = tuple(jax.tree_util.tree_leaves(unravel(jnp.asarray(ref[k][0]))) for k in ("grad", "hvp"))
+    select = list(range(len(means[0])))
+
+    @jax.jit
+    def sums(model, batch, direction, means):
+        return [
+            centred_square_sums(
+                cross_entropy, model, batch, 7, means, select=select, direction=direction,
+                chunk_size=c, per_parameter=per_parameter,
+            )
+            for c in (None, 1, 3)  # whole batch; one example at a time; 2 chunks + a remainder of 1
+        ]
+
+    for grad_sums, hvp_sums in sums(model, batch, direction, means):
+        for got, prefix in ((grad_sums, "grad"), (hvp_sums, "hvp")):
+            expected = ref[prefix][2] * 6  # (n - 1) * sample variance
+            if per_parameter:
+                np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in got]), expected, rtol=1e-10)
+            else:
+                assert all(np.ndim(x) == 0 for x in got)
+                np.testing.assert_allclose(sum(float(x) for x in got), expected.sum(), rtol=1e-10)
+
+
 def test_generic_variance_is_stable_in_float32():
     """Gradients 1000 +- 0.01: a raw sum-of-squares formula would return noise."""
     noise = jax.random.normal(jax.random.key(9), (64, 3))

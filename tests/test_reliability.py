@@ -401,8 +401,8 @@ def test_float32_variance_survives_a_large_common_offset():
     assert abs(naive - ref_loss_var) / ref_loss_var > 1e-2
 
 
-@pytest.mark.parametrize("per_parameter", [True, False])
-def test_float32_fast_path_variance_survives_a_large_common_offset(per_parameter):
+@pytest.mark.parametrize("per_parameter, chunk_size", [(True, None), (False, None), (True, 5)])
+def test_float32_fast_path_variance_survives_a_large_common_offset(per_parameter, chunk_size):
     """sum g^2 - n mean^2 cancels here; the guard must redo the leaf generically."""
     from probopt.stats import Linear
 
@@ -413,7 +413,9 @@ def test_float32_fast_path_variance_survives_a_large_common_offset(per_parameter
     def loss(model, batch):
         return jax.vmap(model)(batch["x"])[:, 0]
 
-    stats = batch_stats(loss, layer, {"x": jnp.asarray(x)}, method="fast", per_parameter=per_parameter)
+    stats = batch_stats(
+        loss, layer, {"x": jnp.asarray(x)}, method="fast", per_parameter=per_parameter, chunk_size=chunk_size
+    )
     reference = np.var(x.astype(np.float64), axis=0, ddof=1)
     assert stats.grad_var_mean.dtype == jnp.float32
     np.testing.assert_allclose(float(stats.grad_var_mean), reference.mean(), rtol=1e-3)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from .._validation import check_same_structure
 from ._fast import FastPlan, discover, fast_pass
-from ._generic import batch_size_of, check_per_example_loss, generic_moments
+from ._generic import batch_size_of, centred_square_sums, check_per_example_loss, generic_moments
 from ._moments import sample_variance
 from ._types import BatchStats
 
@@ -34,11 +34,13 @@ def _check_params(params: Any, name: str) -> None:
 # carries an absolute error of at most about 3 n eps sum_i x_i^2 (both terms are
 # sums of n terms).  Where the result is below _CANCELLATION_FACTOR times that
 # bound, i.e. M2 < 64 n eps sum_i x_i^2, it could be off by more than ~5%, so
-# the covered leaves are recomputed by the generic (two-pass, Chan-merged) path.
+# the variances of the covered leaves are recomputed as sum_i (x_i - mean)^2 from
+# per-example gradients about the (accurate) fast means: a two-pass variance.
 _CANCELLATION_FACTOR = 64
 # Chunk size of that fallback when the caller gave none.  XLA reserves memory
 # for the branch even when it is not taken, so it goes one example at a time
-# (a few parameter-sized arrays, not n of them); it is rare, so its speed is not.
+# (about two parameter-sized arrays per quantity, not n of them: the running
+# sums and one example's gradient); it is rare, so its speed is not.
 _FALLBACK_CHUNK = 1
 
 
@@ -107,15 +109,18 @@ def batch_stats(
       $M_2 < 64\,n\,\epsilon\sum_i g_i^2$ in some coordinate ($\epsilon$ the
       dtype's machine epsilon; the total over coordinates when
       ``per_parameter=False``; same rule for the HVPs) the statistics of
-      every covered leaf are recomputed by the generic path, one example at
-      a time (``chunk_size`` examples if given), under ``lax.cond``.
-      Accepted fast values are thus within about 5% (in practice far better),
-      and the usual cost is one comparison per leaf; the fallback's working
-      memory (a few parameter-sized arrays) is reserved even when not taken,
+      every covered leaf are recomputed under ``lax.cond`` as
+      $\sum_i (g_i-\bar g)^2$ from per-example gradients about the fast
+      (accurate) means, one example at a time (``chunk_size`` examples if
+      given): a two-pass variance, with no cancellation.  Accepted fast
+      values are thus within about 5% (in practice far better), and the
+      usual cost is one comparison per leaf; the fallback's working memory
+      (the running sums plus one example's gradient, about two
+      parameter-sized arrays per quantity) is reserved even when not taken,
       and under ``jax.vmap`` with a batched predicate both branches run.
     - *Generic* (``method="generic"``, or ``"auto"`` without instrumented
       layers): ``vmap`` over examples of ``jvp(value_and_grad)``, in chunks of
-      ``chunk_size`` examples reduced by ``lax.scan`` with Chan's stable
+      ``chunk_size`` examples reduced by ``lax.fori_loop`` with Chan's stable
       merge; memory $O(\text{chunk\_size}\cdot P)$, any JAX function.
 
     **Arguments:**
@@ -126,8 +131,10 @@ def batch_stats(
       leaves are all arrays).
     - `batch`: pytree of arrays sharing a leading batch axis of size ``n``.
     - `direction`: optional pytree like ``params``, the vector $\delta$ of the HVPs.
-    - `chunk_size`: examples per chunk of the generic path (``None``: all at
-      once).  Bounds its memory; does not change the result beyond rounding.
+    - `chunk_size`: examples per chunk of the generic path and of the fast
+      path's fallback (``None``: all at once on the generic path, one at a
+      time in the fallback).  Bounds their memory; does not change the result
+      beyond rounding.
     - `method`: ``"auto"``, ``"fast"`` (raise ``ValueError`` if some leaf of
       ``params`` is not owned by an instrumented layer) or ``"generic"``.
     - `per_parameter`: if ``False``, only the scalar ``*_var_mean`` fields are
@@ -170,6 +177,32 @@ def batch_stats(
     )
 
 
+class _Accumulated:
+    """Per-leaf mean, sum of squares and sample variance of one per-example quantity.
+
+    Also holds ``m2_total``, the $M_2$ summed over every coordinate, from which
+    the scalar ``*_var_mean`` field follows.  ``sq_sum`` and ``var`` stay
+    ``None`` in scalar-only mode.
+    """
+
+    def __init__(self, num_leaves: int, dtype: Any):
+        self.mean: list = [None] * num_leaves
+        self.sq_sum: list = [None] * num_leaves
+        self.var: list = [None] * num_leaves
+        self.m2_total = jnp.zeros((), dtype)
+
+    def add_moments(self, indices, moments, n: int, per_parameter: bool, *, with_mean: bool) -> None:
+        """Take the leaves ``indices`` from generic-path `Moments` (one entry per index)."""
+        for k, j in enumerate(indices):
+            if with_mean:
+                self.mean[j] = moments.mean[k]
+            m2 = moments.m2[k]
+            self.m2_total = self.m2_total + jnp.sum(m2)
+            if per_parameter:
+                self.sq_sum[j] = m2 + n * moments.mean[k] ** 2
+                self.var[j] = sample_variance(m2, n)
+
+
 @eqx.filter_jit
 def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, method, per_parameter, n, reproducible):
     check_per_example_loss(per_example_loss, params, batch)  # at trace time only
@@ -185,140 +218,119 @@ def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, met
         )
     with_hvp = direction is not None
     dtype = jnp.result_type(*leaves)
-
-    grad_mean: list = [None] * num_leaves
-    hvp_mean: list = [None] * num_leaves
-    grad_m2: list = [None] * num_leaves  # per-coordinate M2, or None for scalar-only mode
-    hvp_m2: list = [None] * num_leaves
-    grad_sq: list = [None] * num_leaves  # sum_i g_i^2 where known directly (fast path)
-    hvp_sq: list = [None] * num_leaves
-    grad_m2_total = jnp.zeros((), dtype)
-    hvp_m2_total = jnp.zeros((), dtype)
+    grad = _Accumulated(num_leaves, dtype)
+    hvp = _Accumulated(num_leaves, dtype)
 
     if plan is not None and plan.covered:
+        covered = list(plan.covered)
         fast = fast_pass(
             per_example_loss, params, batch, n, plan, direction=direction, per_parameter=per_parameter
         )
         losses = fast.losses
         loss_mean = jnp.mean(losses)
         loss_m2 = jnp.sum((losses - loss_mean) ** 2)
-        grad_mean = [g / n for g in fast.grad_sum]
+        grad.mean = list(fast.grad_mean)
+        quantities = [(grad, fast.grad_sq, fast.grad_norm2_sum)]
         if with_hvp:
-            hvp_mean = [h / n for h in fast.hvp_sum]
-        # sum_i (x_i - mean)^2 = sum_i x_i^2 - n mean^2, clamped against round-off;
-        # where that cancels (see `_cancels`) the covered leaves are redone generically.
-        covered = list(plan.covered)
+            hvp.mean = list(fast.hvp_mean)
+            quantities.append((hvp, fast.hvp_sq, fast.hvp_norm2_sum))
         if per_parameter:
-            fast_m2 = [jnp.maximum(fast.grad_sq[j] - n * grad_mean[j] ** 2, 0) for j in covered]
-            suspect = [_cancels(m, fast.grad_sq[j], n) for m, j in zip(fast_m2, covered)]
-            if with_hvp:
-                fast_hvp_m2 = [jnp.maximum(fast.hvp_sq[j] - n * hvp_mean[j] ** 2, 0) for j in covered]
-                suspect += [_cancels(m, fast.hvp_sq[j], n) for m, j in zip(fast_hvp_m2, covered)]
-            else:
-                fast_hvp_m2 = None
-        else:
-            grad_mean_sq = sum(jnp.sum(grad_mean[j] ** 2) for j in covered)
-            fast_m2 = [jnp.maximum(fast.grad_norm2_sum - n * grad_mean_sq, 0)]
-            suspect = [_cancels(fast_m2[0], fast.grad_norm2_sum, n)]
-            if with_hvp:
-                hvp_mean_sq = sum(jnp.sum(hvp_mean[j] ** 2) for j in covered)
-                fast_hvp_m2 = [jnp.maximum(fast.hvp_norm2_sum - n * hvp_mean_sq, 0)]
-                suspect.append(_cancels(fast_hvp_m2[0], fast.hvp_norm2_sum, n))
-            else:
-                fast_hvp_m2 = None
+            for acc, sq, _ in quantities:
+                for j in covered:
+                    acc.sq_sum[j] = sq[j]
 
-        fast_values = (fast_m2, fast_hvp_m2)
+        def m2_from_squares(acc, sq, norm2_sum):
+            """Per-leaf M2 = sum_i x_i^2 - n mean^2 (clamped at 0), their total and the cancellation flags."""
+            if per_parameter:
+                m2 = [jnp.maximum(sq[j] - n * acc.mean[j] ** 2, 0) for j in covered]
+                return m2, sum(jnp.sum(m) for m in m2), [_cancels(m, sq[j], n) for m, j in zip(m2, covered)]
+            mean_sq = sum(jnp.sum(acc.mean[j] ** 2) for j in covered)
+            total = jnp.maximum(norm2_sum - n * mean_sq, 0)
+            return [], total, [_cancels(total, norm2_sum, n)]
 
-        def recompute_generically():
-            _, grad_mom, hvp_mom = generic_moments(
-                per_example_loss, params, batch, n, direction=direction,
+        def from_fast():
+            out = []
+            for quantity in quantities:
+                m2, total, _ = m2_from_squares(*quantity)
+                out.append(([jnp.asarray(sample_variance(m, n), dtype) for m in m2], jnp.asarray(total, dtype)))
+            return out
+
+        def from_generic():
+            # Two-pass fallback: the fast means are exact, so only the squared
+            # deviations about them are summed, one chunk of examples at a time.
+            means = tuple([acc.mean[j] for j in covered] for acc, _, _ in quantities)
+            sums = centred_square_sums(
+                per_example_loss, params, batch, n, means + (None,) * (2 - len(means)),
+                select=covered, direction=direction,
                 chunk_size=_FALLBACK_CHUNK if chunk_size is None else chunk_size,
-                per_parameter=per_parameter, select=covered, reproducible=reproducible,
+                per_parameter=per_parameter, reproducible=reproducible,
             )
-            cast_like = lambda new, old: [jnp.asarray(a, b.dtype) for a, b in zip(new, old)]  # noqa: E731
-            grad_m2_new = grad_mom.m2 if per_parameter else [sum(jnp.sum(m) for m in grad_mom.m2)]
-            if not with_hvp:
-                return cast_like(grad_m2_new, fast_values[0]), None
-            hvp_m2_new = hvp_mom.m2 if per_parameter else [sum(jnp.sum(m) for m in hvp_mom.m2)]
-            return cast_like(grad_m2_new, fast_values[0]), cast_like(hvp_m2_new, fast_values[1])
+            out = []
+            for m2 in sums[: len(quantities)]:
+                variances = [jnp.asarray(sample_variance(m, n), dtype) for m in m2] if per_parameter else []
+                out.append((variances, jnp.asarray(sum(jnp.sum(m) for m in m2), dtype)))
+            return out
 
-        # Only the taken branch runs (outside vmap), so the usual cost is one
-        # comparison per leaf.
-        if n > 1:  # with one example every variance is reported as 0 anyway
-            fast_m2, fast_hvp_m2 = jax.lax.cond(
-                jnp.any(jnp.stack(suspect)), recompute_generically, lambda: fast_values
-            )
-        if per_parameter:
-            for k, j in enumerate(covered):
-                grad_sq[j], hvp_sq[j] = fast.grad_sq[j], fast.hvp_sq.get(j)
-                grad_m2[j] = fast_m2[k]
-                grad_m2_total = grad_m2_total + jnp.sum(fast_m2[k])
-                if with_hvp:
-                    hvp_m2[j] = fast_hvp_m2[k]
-                    hvp_m2_total = hvp_m2_total + jnp.sum(fast_hvp_m2[k])
-        else:
-            grad_m2_total = fast_m2[0]
-            if with_hvp:
-                hvp_m2_total = fast_hvp_m2[0]
-        rest = [j for j in range(num_leaves) if j not in set(plan.covered)]
+        if n > 1:
+            # The flags reduce M2 on the fly; each branch then writes the variances
+            # straight into the outputs, so no M2 array is kept in between.  Only
+            # the taken branch runs (outside vmap): usually one comparison per leaf.
+            suspect = [flag for quantity in quantities for flag in m2_from_squares(*quantity)[2]]
+            variances = jax.lax.cond(jnp.any(jnp.stack(suspect)), from_generic, from_fast)
+        else:  # with one example every variance is reported as 0 anyway
+            variances = from_fast()
+        for (acc, _, _), (leaf_vars, total) in zip(quantities, variances):
+            acc.m2_total = acc.m2_total + total
+            for j, var in zip(covered, leaf_vars):
+                acc.var[j] = var
+        rest = [j for j in range(num_leaves) if j not in set(covered)]
         if rest:
             _, grad_mom, hvp_mom = generic_moments(
                 per_example_loss, params, batch, n, direction=direction,
                 chunk_size=chunk_size, per_parameter=per_parameter, select=rest,
                 reproducible=reproducible,
             )
-            for k, j in enumerate(rest):
-                grad_m2_total = grad_m2_total + jnp.sum(grad_mom.m2[k])
-                if per_parameter:
-                    grad_m2[j] = grad_mom.m2[k]
-                if with_hvp:
-                    hvp_m2_total = hvp_m2_total + jnp.sum(hvp_mom.m2[k])
-                    if per_parameter:
-                        hvp_m2[j] = hvp_mom.m2[k]
+            grad.add_moments(rest, grad_mom, n, per_parameter, with_mean=False)
+            if with_hvp:
+                hvp.add_moments(rest, hvp_mom, n, per_parameter, with_mean=False)
     else:
         loss_mom, grad_mom, hvp_mom = generic_moments(
             per_example_loss, params, batch, n, direction=direction,
             chunk_size=chunk_size, per_parameter=per_parameter, reproducible=reproducible,
         )
         loss_mean, loss_m2 = loss_mom.mean[0], loss_mom.m2[0]
-        grad_mean = list(grad_mom.mean)
-        grad_m2_total = sum(jnp.sum(m) for m in grad_mom.m2)
-        if per_parameter:
-            grad_m2 = list(grad_mom.m2)
+        everything = list(range(num_leaves))
+        grad.add_moments(everything, grad_mom, n, per_parameter, with_mean=True)
         if with_hvp:
-            hvp_mean = list(hvp_mom.mean)
-            hvp_m2_total = sum(jnp.sum(m) for m in hvp_mom.m2)
-            if per_parameter:
-                hvp_m2 = list(hvp_mom.m2)
+            hvp.add_moments(everything, hvp_mom, n, per_parameter, with_mean=True)
 
     num_coords = sum(leaf.size for leaf in leaves)
-    unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
 
-    def field(m2, mean, sq):
-        """(sq_sum, var) pytrees from per-coordinate M2, or (None, None)."""
-        if not per_parameter:
-            return None, None
-        sq_sum = unflatten([cast(m + n * mu**2 if s is None else s) for m, mu, s in zip(m2, mean, sq)])
-        var = unflatten([cast(sample_variance(m, n)) for m in m2])
-        return sq_sum, var
+    def tree(xs):
+        return jax.tree_util.tree_unflatten(treedef, [cast(x) for x in xs])
 
-    grad_sq_sum, grad_var = field(grad_m2, grad_mean, grad_sq)
+    def fields(acc):
+        return dict(
+            mean=tree(acc.mean),
+            sq_sum=tree(acc.sq_sum) if per_parameter else None,
+            var=tree(acc.var) if per_parameter else None,
+            var_mean=cast(sample_variance(acc.m2_total, n) / num_coords),
+        )
+
+    g = fields(grad)
     stats = BatchStats(
         batch_size=jnp.asarray(n),
         loss_mean=cast(loss_mean),
         loss_var=cast(sample_variance(loss_m2, n)),
-        grad_mean=unflatten([cast(g) for g in grad_mean]),
-        grad_sq_sum=grad_sq_sum,
-        grad_var=grad_var,
-        grad_var_mean=cast(sample_variance(grad_m2_total, n) / num_coords),
+        grad_mean=g["mean"],
+        grad_sq_sum=g["sq_sum"],
+        grad_var=g["var"],
+        grad_var_mean=g["var_mean"],
     )
     if with_hvp:
-        hvp_sq_sum, hvp_var = field(hvp_m2, hvp_mean, hvp_sq)
+        h = fields(hvp)
         stats = stats._replace(
-            hvp_mean=unflatten([cast(h) for h in hvp_mean]),
-            hvp_sq_sum=hvp_sq_sum,
-            hvp_var=hvp_var,
-            hvp_var_mean=cast(sample_variance(hvp_m2_total, n) / num_coords),
+            hvp_mean=h["mean"], hvp_sq_sum=h["sq_sum"], hvp_var=h["var"], hvp_var_mean=h["var_mean"]
         )
     return stats

@@ -76,11 +76,11 @@ def discover(per_example_loss: Callable, params: Any, batch: Any, n: int) -> Fas
 
 
 class FastResult(NamedTuple):
-    """Raw output of the fast pass (sums over the batch, not yet normalised)."""
+    """Raw output of the fast pass: batch means and sums of squares."""
 
     losses: jax.Array  # (n,)
-    grad_sum: list  # one entry per leaf of params: sum_i g_i
-    hvp_sum: list | None  # sum_i H_i delta
+    grad_mean: list  # one entry per leaf of params: (1/n) sum_i g_i
+    hvp_mean: list | None  # (1/n) sum_i H_i delta
     grad_sq: dict  # covered leaf index -> sum_i g_i^2 (empty if not per_parameter)
     hvp_sq: dict
     grad_norm2_sum: jax.Array  # sum_i ||g_i||^2 over covered leaves
@@ -110,16 +110,21 @@ def fast_pass(
                 "The model called a different number of instrumented layers than during "
                 "discovery; the per-example loss must trace identically on every call."
             )
-        return jnp.sum(losses), (losses, tape.records)
+        # The mean, not the sum: then backpropagation writes the mean gradient
+        # straight into its output (no extra parameter-sized division and buffer);
+        # the probes' gradients are d_i / n and are rescaled below.
+        return jnp.sum(losses) / n, (losses, tape.records)
 
     value_and_grad = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
     if direction is None:
-        (_, (losses, records)), (grad_sum, out_grads) = value_and_grad(params, probes)
-        hvp_sum = record_dots = out_grad_dots = None
+        (_, (losses, records)), (grad_mean, out_grads) = value_and_grad(params, probes)
+        hvp_mean = record_dots = out_grad_dots = None
     else:
         primal, tangent = jax.jvp(lambda p: value_and_grad(p, probes), (params,), (direction,))
-        (_, (losses, records)), (grad_sum, out_grads) = primal
-        (_, (_, record_dots)), (hvp_sum, out_grad_dots) = tangent
+        (_, (losses, records)), (grad_mean, out_grads) = primal
+        (_, (_, record_dots)), (hvp_mean, out_grad_dots) = tangent
+        out_grad_dots = [n * d for d in out_grad_dots]
+    out_grads = [n * d for d in out_grads]  # d_i, the gradient of loss i alone
 
     grad_sq: dict = {}
     hvp_sq: dict = {}
@@ -143,8 +148,8 @@ def fast_pass(
 
     return FastResult(
         losses=losses,
-        grad_sum=jax.tree_util.tree_leaves(grad_sum),
-        hvp_sum=None if hvp_sum is None else jax.tree_util.tree_leaves(hvp_sum),
+        grad_mean=jax.tree_util.tree_leaves(grad_mean),
+        hvp_mean=None if hvp_mean is None else jax.tree_util.tree_leaves(hvp_mean),
         grad_sq=grad_sq,
         hvp_sq=hvp_sq,
         grad_norm2_sum=grad_norm2_sum,

@@ -4,7 +4,9 @@ Works for every differentiable ``per_example_loss``, at the price of
 materialising ``chunk_size`` per-example gradients (and HVPs) at a time, i.e.
 ``O(chunk_size * P)`` memory and roughly ``chunk_size`` times less
 vectorisation-friendly arithmetic than one gradient.  Chunks are reduced
-with a ``lax.scan`` and merged with Chan's formula (see ``_moments``).
+in a ``lax.fori_loop`` and merged with Chan's formula (see ``_moments``).
+``centred_square_sums`` is the second pass of a two-pass variance for when
+the means are known already (the fast path's cancellation fallback).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ._moments import Moments, chunk_moments, merge_moments
+from ._reproducible_sum import reproducible_sum
 
 
 def batch_size_of(batch: Any) -> int:
@@ -123,30 +126,81 @@ def generic_moments(
         hvp_m = None if hvps is None else chunk_moments(hvps, per_parameter, reproducible)
         return loss_m, grad_m, hvp_m
 
-    chunk = n if chunk_size is None else min(int(chunk_size), n)
-    num_full, remainder = divmod(n, chunk)
-    if num_full == 1 and remainder == 0:
-        return chunk_stats(batch)
-
-    def take(start, size):
-        return jax.tree_util.tree_map(lambda x: x[start : start + size], batch)
-
-    full = jax.tree_util.tree_map(
-        lambda x: x[: num_full * chunk].reshape((num_full, chunk) + x.shape[1:]), batch
-    )
-    shapes = jax.eval_shape(chunk_stats, take(0, chunk))
-    # Zero count is the identity of the merge, so the scan starts from zeros.
-    acc = jax.tree_util.tree_map(
-        lambda s: jnp.zeros(s.shape, s.dtype), shapes, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
-    )
-
     def merge_all(acc, new):
         return tuple(None if a is None else merge_moments(a, b) for a, b in zip(acc, new))
 
-    def body(acc, chunk_batch):
-        return merge_all(acc, chunk_stats(chunk_batch)), None
+    return _reduce_in_chunks(chunk_stats, merge_all, batch, n, chunk_size)
 
-    acc, _ = jax.lax.scan(body, acc, full)
+
+def centred_square_sums(
+    per_example_loss: Callable,
+    params: Any,
+    batch: Any,
+    n: int,
+    means: tuple[list, list | None],
+    *,
+    select: Sequence[int],
+    direction: Any = None,
+    chunk_size: int | None = None,
+    per_parameter: bool = True,
+    reproducible: bool = False,
+) -> tuple[list, list | None]:
+    r"""$\sum_i (x_i - \bar x)^2$ of per-example gradients (and HVP rows) about *known* means.
+
+    The second pass of the two-pass variance, for when the means are already
+    known exactly (the fast path has them): only these sums travel from chunk
+    to chunk, so the memory is ``chunk_size`` per-example gradients (and HVP
+    rows) plus one array per selected leaf, or one scalar per leaf when not
+    ``per_parameter``.  Without cancellation: each deviation is formed before
+    it is squared.
+
+    **Arguments:** as `generic_moments`, plus ``means = (grad_means,
+    hvp_means)``, one array per index in ``select`` (``hvp_means`` is ``None``
+    without ``direction``).
+
+    **Returns:** ``(grad_sums, hvp_sums)``, lists over ``select`` of arrays
+    shaped like the leaves (``per_parameter``) or of scalars; ``hvp_sums`` is
+    ``None`` without ``direction``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    direction_leaves = None if direction is None else jax.tree_util.tree_leaves(direction)
+    one = _per_example_fn(per_example_loss, leaves, treedef, list(select), direction_leaves)
+    batch_sum = reproducible_sum if reproducible else jnp.sum
+
+    def chunk_sums(chunk):
+        _, grads, hvps = jax.vmap(one)(chunk)
+        out = []
+        for rows, centres in zip((grads, hvps), means):
+            if rows is None:
+                out.append(None)
+                continue
+            sums = [batch_sum((r - c) ** 2, axis=0) for r, c in zip(rows, centres)]
+            out.append(sums if per_parameter else [jnp.sum(x) for x in sums])
+        return tuple(out)
+
+    def add(acc, new):
+        return jax.tree_util.tree_map(jnp.add, acc, new)
+
+    return _reduce_in_chunks(chunk_sums, add, batch, n, chunk_size)
+
+
+def _reduce_in_chunks(chunk_fn: Callable, combine: Callable, batch: Any, n: int, chunk_size: int | None):
+    """``chunk_fn`` on consecutive chunks of ``chunk_size`` examples, folded with ``combine``.
+
+    The first chunk starts the fold (no zero-filled accumulator to allocate
+    and copy), the other full chunks run in one ``lax.fori_loop`` that slices
+    them out of ``batch`` in place (bounded memory, one compiled body, no
+    reshaped copy of the batch), and a shorter last chunk is folded in after.
+    """
+    chunk = n if chunk_size is None else min(int(chunk_size), n)
+    num_full, remainder = divmod(n, chunk)
+
+    def take(start, size):
+        return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), batch)
+
+    acc = chunk_fn(take(0, chunk))
+    if num_full > 1:
+        acc = jax.lax.fori_loop(1, num_full, lambda k, acc: combine(acc, chunk_fn(take(k * chunk, chunk))), acc)
     if remainder:
-        acc = merge_all(acc, chunk_stats(take(num_full * chunk, remainder)))
+        acc = combine(acc, chunk_fn(take(num_full * chunk, remainder)))
     return acc

@@ -113,12 +113,11 @@ class Linear(eqx.nn.Linear):
         hvp_norm2 = sum_dd2 * sum_a2 + (sum_dd2 if has_bias else 0)
         hvp_sq = {"bias": jnp.sum(dd2, axis=0)} if per_parameter and has_bias else {}
         if a_dot is None:
-            # The input cannot depend on params (e.g. the data): h_i = dd_i a_i^T, and
-            # both weight statistics come from one matmul against a^2.
+            # The input cannot depend on params (e.g. the data): h_i = dd_i a_i^T.
+            # Two matmuls rather than one on [d2, dd2]: each writes its output
+            # in place, where slicing a stacked product costs a weight-sized copy.
             if per_parameter:
-                out = d.shape[1]
-                both = jnp.concatenate([d2, dd2], axis=1).T @ a2
-                grad_sq["weight"], hvp_sq["weight"] = both[:out], both[out:]
+                grad_sq["weight"], hvp_sq["weight"] = d2.T @ a2, dd2.T @ a2
         else:
             # h_i = dd_i a_i^T + d_i da_i^T, so h_i^2 expands into three outer products,
             # summed over examples by one matmul over a stacked contraction axis.
