@@ -203,6 +203,80 @@ class _Accumulated:
                 self.var[j] = sample_variance(m2, n)
 
 
+def _fast_moments(
+    per_example_loss, params, batch, n, plan, direction, chunk_size, per_parameter, reproducible, grad, hvp, dtype
+):
+    """Fill ``grad`` and ``hvp`` (`_Accumulated`) for the covered leaves; return the loss mean and M2.
+
+    One instrumented pass gives the means and sums of squares; the variances
+    are ``sum x^2 - n mean^2`` unless that may have cancelled (`_cancels`), in
+    which case a two-pass recomputation about the same means replaces them.
+    """
+    covered = list(plan.covered)
+    with_hvp = direction is not None
+    fast = fast_pass(
+        per_example_loss, params, batch, n, plan, direction=direction, per_parameter=per_parameter
+    )
+    losses = fast.losses
+    loss_mean = jnp.mean(losses)
+    loss_m2 = jnp.sum((losses - loss_mean) ** 2)
+    grad.mean = list(fast.grad_mean)
+    quantities = [(grad, fast.grad_sq, fast.grad_norm2_sum)]
+    if with_hvp:
+        hvp.mean = list(fast.hvp_mean)
+        quantities.append((hvp, fast.hvp_sq, fast.hvp_norm2_sum))
+    if per_parameter:
+        for acc, sq, _ in quantities:
+            for j in covered:
+                acc.sq_sum[j] = sq[j]
+
+    def m2_from_squares(acc, sq, norm2_sum):
+        """Per-leaf M2 = sum_i x_i^2 - n mean^2 (clamped at 0), their total and the cancellation flags."""
+        if per_parameter:
+            m2 = [jnp.maximum(sq[j] - n * acc.mean[j] ** 2, 0) for j in covered]
+            return m2, sum(jnp.sum(m) for m in m2), [_cancels(m, sq[j], n) for m, j in zip(m2, covered)]
+        mean_sq = sum(jnp.sum(acc.mean[j] ** 2) for j in covered)
+        total = jnp.maximum(norm2_sum - n * mean_sq, 0)
+        return [], total, [_cancels(total, norm2_sum, n)]
+
+    def from_fast():
+        out = []
+        for quantity in quantities:
+            m2, total, _ = m2_from_squares(*quantity)
+            out.append(([jnp.asarray(sample_variance(m, n), dtype) for m in m2], jnp.asarray(total, dtype)))
+        return out
+
+    def two_pass_fallback():
+        # The fast means are accurate (sums, not differences), so only the
+        # squared deviations about them are summed, one chunk at a time.
+        means = tuple([acc.mean[j] for j in covered] for acc, _, _ in quantities)
+        sums = centred_square_sums(
+            per_example_loss, params, batch, n, means + (None,) * (2 - len(means)),
+            select=covered, direction=direction,
+            chunk_size=_FALLBACK_CHUNK if chunk_size is None else chunk_size,
+            per_parameter=per_parameter, reproducible=reproducible,
+        )
+        out = []
+        for m2 in sums[: len(quantities)]:
+            variances = [jnp.asarray(sample_variance(m, n), dtype) for m in m2] if per_parameter else []
+            out.append((variances, jnp.asarray(sum(jnp.sum(m) for m in m2), dtype)))
+        return out
+
+    if n > 1:
+        # The flags reduce M2 on the fly; each branch then writes the variances
+        # straight into the outputs, so no M2 array is kept in between.  Only
+        # the taken branch runs (outside vmap): usually one comparison per leaf.
+        suspect = [flag for quantity in quantities for flag in m2_from_squares(*quantity)[2]]
+        variances = jax.lax.cond(jnp.any(jnp.stack(suspect)), two_pass_fallback, from_fast)
+    else:  # with one example every variance is reported as 0 anyway
+        variances = from_fast()
+    for (acc, _, _), (leaf_vars, total) in zip(quantities, variances):
+        acc.m2_total = acc.m2_total + total
+        for j, var in zip(covered, leaf_vars):
+            acc.var[j] = var
+    return loss_mean, loss_m2
+
+
 @eqx.filter_jit
 def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, method, per_parameter, n, reproducible):
     check_per_example_loss(per_example_loss, params, batch)  # at trace time only
@@ -222,68 +296,11 @@ def _batch_stats_jit(per_example_loss, params, batch, direction, chunk_size, met
     hvp = _Accumulated(num_leaves, dtype)
 
     if plan is not None and plan.covered:
-        covered = list(plan.covered)
-        fast = fast_pass(
-            per_example_loss, params, batch, n, plan, direction=direction, per_parameter=per_parameter
+        loss_mean, loss_m2 = _fast_moments(
+            per_example_loss, params, batch, n, plan, direction, chunk_size, per_parameter, reproducible,
+            grad, hvp, dtype,
         )
-        losses = fast.losses
-        loss_mean = jnp.mean(losses)
-        loss_m2 = jnp.sum((losses - loss_mean) ** 2)
-        grad.mean = list(fast.grad_mean)
-        quantities = [(grad, fast.grad_sq, fast.grad_norm2_sum)]
-        if with_hvp:
-            hvp.mean = list(fast.hvp_mean)
-            quantities.append((hvp, fast.hvp_sq, fast.hvp_norm2_sum))
-        if per_parameter:
-            for acc, sq, _ in quantities:
-                for j in covered:
-                    acc.sq_sum[j] = sq[j]
-
-        def m2_from_squares(acc, sq, norm2_sum):
-            """Per-leaf M2 = sum_i x_i^2 - n mean^2 (clamped at 0), their total and the cancellation flags."""
-            if per_parameter:
-                m2 = [jnp.maximum(sq[j] - n * acc.mean[j] ** 2, 0) for j in covered]
-                return m2, sum(jnp.sum(m) for m in m2), [_cancels(m, sq[j], n) for m, j in zip(m2, covered)]
-            mean_sq = sum(jnp.sum(acc.mean[j] ** 2) for j in covered)
-            total = jnp.maximum(norm2_sum - n * mean_sq, 0)
-            return [], total, [_cancels(total, norm2_sum, n)]
-
-        def from_fast():
-            out = []
-            for quantity in quantities:
-                m2, total, _ = m2_from_squares(*quantity)
-                out.append(([jnp.asarray(sample_variance(m, n), dtype) for m in m2], jnp.asarray(total, dtype)))
-            return out
-
-        def from_generic():
-            # Two-pass fallback: the fast means are exact, so only the squared
-            # deviations about them are summed, one chunk of examples at a time.
-            means = tuple([acc.mean[j] for j in covered] for acc, _, _ in quantities)
-            sums = centred_square_sums(
-                per_example_loss, params, batch, n, means + (None,) * (2 - len(means)),
-                select=covered, direction=direction,
-                chunk_size=_FALLBACK_CHUNK if chunk_size is None else chunk_size,
-                per_parameter=per_parameter, reproducible=reproducible,
-            )
-            out = []
-            for m2 in sums[: len(quantities)]:
-                variances = [jnp.asarray(sample_variance(m, n), dtype) for m in m2] if per_parameter else []
-                out.append((variances, jnp.asarray(sum(jnp.sum(m) for m in m2), dtype)))
-            return out
-
-        if n > 1:
-            # The flags reduce M2 on the fly; each branch then writes the variances
-            # straight into the outputs, so no M2 array is kept in between.  Only
-            # the taken branch runs (outside vmap): usually one comparison per leaf.
-            suspect = [flag for quantity in quantities for flag in m2_from_squares(*quantity)[2]]
-            variances = jax.lax.cond(jnp.any(jnp.stack(suspect)), from_generic, from_fast)
-        else:  # with one example every variance is reported as 0 anyway
-            variances = from_fast()
-        for (acc, _, _), (leaf_vars, total) in zip(quantities, variances):
-            acc.m2_total = acc.m2_total + total
-            for j, var in zip(covered, leaf_vars):
-                acc.var[j] = var
-        rest = [j for j in range(num_leaves) if j not in set(covered)]
+        rest = [j for j in range(num_leaves) if j not in set(plan.covered)]
         if rest:
             _, grad_mom, hvp_mom = generic_moments(
                 per_example_loss, params, batch, n, direction=direction,
