@@ -32,6 +32,7 @@ from probopt.preconditioners import (
     inverse_hessian_error,
     partition_trainable,
 )
+from probopt.preconditioners._lodo import _NARROW_MAX_WIDTH
 
 
 def _perturb(module, key, scale=0.3):
@@ -64,12 +65,14 @@ def _random_spd(key, n, low=0.2, high=1.0):
 # ----------------------------------------------------------------------------- preconditioners
 
 
-@pytest.mark.parametrize("dim, block_size, depth", [(7, 4, 3), (5, 3, 4), (6, 2, 5)])
+# 300 makes the hidden width 600: the wide layer form (explicit multiply-adds, scatter).
+@pytest.mark.parametrize("dim, block_size, depth", [(7, 4, 3), (5, 3, 4), (6, 2, 5), (300, 4, 3)])
 def test_lodo_dense_equals_product_formula(dim, block_size, depth):
     p = LodoPreconditioner(
         dim, key=jax.random.key(1), initial_learning_rate=0.7, block_size=block_size, depth=depth
     )
     assert p.hidden_dim % block_size == 0 and p.hidden_dim >= 2 * dim
+    assert (p.hidden_dim > _NARROW_MAX_WIDTH) == (dim == 300)
     p = _perturb(p, jax.random.key(2))
     reference = _lodo_dense_reference(p)
     np.testing.assert_allclose(p.dense(), reference, atol=1e-12)
@@ -158,9 +161,10 @@ def test_hypergradient_equals_finite_difference_of_next_loss(make):
     np.testing.assert_allclose(analytic, finite_difference, rtol=1e-6, atol=1e-9)
 
 
-def test_lodo_closed_form_hypergradient_matches_autodiff_vjp():
-    p = _perturb(LodoPreconditioner(11, key=jax.random.key(3), depth=6), jax.random.key(4))
-    v, c = jax.random.normal(jax.random.key(5), (2, 11))
+@pytest.mark.parametrize("dim, depth", [(11, 6), (300, 3)])
+def test_lodo_closed_form_hypergradient_matches_autodiff_vjp(dim, depth):
+    p = _perturb(LodoPreconditioner(dim, key=jax.random.key(3), depth=depth), jax.random.key(4))
+    v, c = jax.random.normal(jax.random.key(5), (2, dim))
     fast = eqx.filter_jit(lambda p, v, c: p.hypergradient(v, c))(p, v, c).blocks
     autodiff = eqx.filter_jit(Preconditioner.hypergradient)(p, v, c).blocks
     np.testing.assert_allclose(fast, autodiff, atol=1e-12)
