@@ -9,30 +9,35 @@ we also report the per-step cost amortised inside one `lax.scan` of many
 steps (no Python dispatch), which isolates the optimizer's arithmetic, and
 the in-scan cost of the three parts of a LODO step, each alone.
 
-Issue 6 asks for LODO <= 5x Adam on the bowl.  Per jitted call it is about
-1.9x (dispatch dominates both).  Inside one scan (2-core CPU shared with other
-jobs, float32, same-process medians; the step includes the RNG and the
-100x100 gradient mat-vec, about 2.5 us of Adam's 3 us):
+Issue 6 asks for a LODO step within 5x of an Adam step on the bowl and 3x on
+the CNN.  Measured (2-core CPU, float32, same-process medians):
 
-    before: adam 3.0 us, lodo 51.5 us, ratio 17.2
-    after : adam 3.0 us, lodo 36.8 us, ratio 12.3
-            (G m 10 us, hypergradient 14 us, Adam on theta 5.6 us)
+    bowl, jitted step per call : adam 81 us,  lodo 143 us,  ratio 1.8
+    bowl, inside one lax.scan  : adam 2.2 us, lodo 30.7 us, ratio 14.1
+        (G m 9.8 us, hypergradient 12.6 us, Adam on theta 2.5 us)
+    CNN, training step         : adam 386 ms, lodo 452 ms,  ratio 1.17
+        (LODO update alone 108 ms, was 222 ms before the wide-layer form)
 
-What changed: the hypergradient's per-layer outer products are elementwise
-products (fused) instead of 16 tiny batched 4x4 `dot`s with their transposes;
-the skip-if-not-finite meta-step is a `lax.cond` instead of `where` selects
-on theta and Adam's moments (which cost an extra pass plus copies).
+Per call, Python dispatch dominates both bowl steps.  Inside a scan the ratio
+measures arithmetic alone, and there an exact LODO step cannot get near 5x on
+this CPU: it must run 4 sequential passes through the 16 layers (forward and
+transposed pass of g_{t+1} under theta_t for the hypergradient, then of
+m_{t+1} under theta_{t+1} for the step; each needs the previous one's
+result), i.e. at least twice "G m", plus the meta-step on the 12,800
+entries of theta: the "floor" line, about 10x a whole Adam step, whose own
+work is a 100x100 mat-vec.  Each layer is one XLA kernel around a
+random-permutation gather that XLA's CPU backend emits as a scalar loop
+(about 1 ns per index, however many vectors are gathered together).  The
+remaining gap to the floor is mostly the skip-if-not-finite guard on the
+meta-step (a lax.cond, about 4 us: XLA copies theta and Adam's moments
+through it; selects instead cost more).
 
-Why not 5x: one step must run 4 sequential passes through the 16 layers
-(forward of g_{t+1} and the transposed pass under theta_t for the
-hypergradient, then forward and transposed pass of m_{t+1} under
-theta_{t+1}); each layer is one XLA kernel whose random-permutation gather
-XLA's CPU backend emits as a scalar loop (about 1 ns per gathered element
-alone, 0.3-0.45 us per 200-wide layer; pairing two vectors costs the same as
-one, so caching the m_t activations from the previous step saves nothing).
-That is about 64 x 0.35 = 22 us, plus Adam on the 12,800 entries of theta
-(sqrt and divide: 5.6 us, about 1.9 Adam bowl steps on its own), against a
-whole Adam step of 3 us: the floor of this design on this CPU is about 10x.
+Wide layers (hidden width >= 512, e.g. the CNN's 189,392) are written
+differently from narrow ones (see `_NARROW_MAX_WIDTH` in
+probopt/preconditioners/_lodo.py): explicit multiply-adds instead of a
+product summed over the block axis, which XLA:CPU would hand to a separate
+library kernel, and a scatter instead of a gather, which stalls on random
+reads once the vector leaves the L1 cache.
 
 Memory: LODO's state holds theta (N * ñ * k = 16 * 2n * 4 = 128 n numbers)
 plus Adam's two moments of it, i.e. O(n log n) with N ~ log n.
