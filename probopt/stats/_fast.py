@@ -1,8 +1,9 @@
 """Fast path: per-example statistics from layer factors, without ``n x P`` arrays.
 
-One ``value_and_grad`` of the summed loss with respect to ``(params, probes)``
+One ``value_and_grad`` of the mean loss with respect to ``(params, probes)``
 gives the mean gradient and, through the zero probes that instrumented layers
-add to their batched outputs, the per-example output gradients $d_i$; the
+add to their batched outputs, the per-example output gradients $d_i$ (the
+probes' gradients times $n$); the
 layers' inputs $a_i$ come back as auxiliary outputs.  With a direction, a
 ``jvp`` of that same function gives $H\\delta$ and the tangents
 $(\\dot a_i, \\dot d_i)$.  Each layer then reduces its factors in closed form
