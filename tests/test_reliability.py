@@ -431,6 +431,25 @@ def test_float32_fast_path_variance_survives_a_large_common_offset(per_parameter
     assert np.max(np.abs(one_pass - reference) / reference) > 1e-1
 
 
+def test_float32_fast_path_guard_under_vmap_takes_each_seeds_branch():
+    """Vmapped over two batches, one that cancels and one that does not: both match float64."""
+    from probopt.stats import Linear
+
+    rng = np.random.default_rng(2)
+    spread = 1e-1 * rng.normal(size=(2, 32, DIM))
+    x = (np.array([1e3, 0.0])[:, None, None] + spread).astype(np.float32)  # batch 0 cancels, batch 1 not
+    layer = Linear(DIM, 1, use_bias=False, key=jax.random.key(0), dtype=jnp.float32)
+
+    def loss(model, batch):
+        return jax.vmap(model)(batch)[:, 0]
+
+    stats = jax.jit(jax.vmap(lambda b: batch_stats(loss, layer, b, method="fast")))(jnp.asarray(x))
+    for i in range(2):
+        reference = np.var(x[i].astype(np.float64), axis=0, ddof=1)
+        np.testing.assert_allclose(np.asarray(stats.grad_var.weight)[i, 0], reference, rtol=1e-3)
+        np.testing.assert_allclose(np.asarray(stats.grad_mean.weight)[i, 0], x[i].astype(np.float64).mean(0), rtol=1e-5)
+
+
 def test_float32_fast_path_hvp_variance_survives_a_large_common_offset():
     """Same guard for the HVPs: h_i = x_i (x_i . delta) for a squared linear output."""
     from probopt.stats import Linear
