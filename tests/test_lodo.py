@@ -415,8 +415,9 @@ def test_jit_does_not_retrace_and_float32_is_preserved():
     assert state.preconditioner.permutations.dtype == jnp.int32
 
 
-def test_vmap_over_seeds():
-    loss = _quadratic(jax.random.key(80), 6)
+@pytest.mark.parametrize("dim", [6, 300])  # narrow and wide layers
+def test_vmap_over_seeds(dim):
+    loss = _quadratic(jax.random.key(80), dim)
 
     def run(key):
         opt = lodo(1e-2, 0.3, 0.5, key=key, depth=3)
@@ -426,12 +427,12 @@ def test_vmap_over_seeds():
             u, state = opt.update(jax.grad(loss)(x), state)
             return (x + u, state), None
 
-        x = jnp.ones(6)
+        x = jnp.ones(dim)
         (x, state), _ = jax.lax.scan(body, (x, opt.init(x)), None, length=5)
         return x, state.preconditioner.permutations
 
     xs, perms = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(81), 3))
-    assert xs.shape == (3, 6) and bool(jnp.all(jnp.isfinite(xs)))
+    assert xs.shape == (3, dim) and bool(jnp.all(jnp.isfinite(xs)))
     assert not np.array_equal(perms[0], perms[1])
     single, _ = jax.jit(run)(jax.random.split(jax.random.key(81), 3)[1])
     np.testing.assert_allclose(xs[1], single, atol=1e-12)

@@ -148,7 +148,7 @@ def centred_square_sums(
     r"""$\sum_i (x_i - \bar x)^2$ of per-example gradients (and HVP rows) about *known* means.
 
     The second pass of the two-pass variance, for when the means are already
-    known exactly (the fast path has them): only these sums travel from chunk
+    known accurately (the fast path has them): only these sums travel from chunk
     to chunk, so the memory is ``chunk_size`` per-example gradients (and HVP
     rows) plus one array per selected leaf, or one scalar per leaf when not
     ``per_parameter``.  Without cancellation: each deviation is formed before
