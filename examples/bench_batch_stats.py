@@ -73,21 +73,27 @@ def _time_round_robin(fns: dict, args: tuple, repeats: int) -> dict:
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
+def _grad(m, b, d):
+    """The baseline: a plain gradient of the mean loss (``d`` unused)."""
+    return jax.grad(lambda m: jnp.mean(cross_entropy(m, b)))(m)
+
+
+def _stats(method, per_parameter=True, use_direction=True, chunk_size=None, fields=None):
+    """``(model, batch, direction) -> BatchStats`` (or the named ``fields`` of it)."""
+
+    def f(m, b, d):
+        s = batch_stats(
+            cross_entropy, m, b, direction=d if use_direction else None,
+            method=method, per_parameter=per_parameter, chunk_size=chunk_size,
+        )
+        return s if fields is None else tuple(getattr(s, name) for name in fields)
+
+    return f
+
+
 def bench(title: str, model, batch, repeats: int, generic_chunk: int | None, with_generic: bool = True):
     direction = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), model)
-
-    def grad(m, b, d):
-        return jax.grad(lambda m: jnp.mean(cross_entropy(m, b)))(m)
-
-    def stats(method, per_parameter=True, use_direction=True, chunk_size=None, fields=None):
-        def f(m, b, d):
-            s = batch_stats(
-                cross_entropy, m, b, direction=d if use_direction else None,
-                method=method, per_parameter=per_parameter, chunk_size=chunk_size,
-            )
-            return s if fields is None else tuple(getattr(s, name) for name in fields)
-
-        return f
+    grad, stats = _grad, _stats
 
     def grad_and_hvp(m, b, d):
         return jax.jvp(jax.grad(lambda m: jnp.mean(cross_entropy(m, b))), (m,), (d,))
@@ -130,15 +136,13 @@ def memory_sweep(model, make_batch, batch_sizes) -> None:
     """Peak memory (compile only) against the batch size: what grows per example."""
     direction = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), model)
     variants = {
-        "grad": lambda m, b, d: jax.grad(lambda m: jnp.mean(cross_entropy(m, b)))(m),
-        "fast": lambda m, b, d: batch_stats(cross_entropy, m, b, direction=d, method="fast"),
-        "fast scalar": lambda m, b, d: batch_stats(
-            cross_entropy, m, b, direction=d, method="fast", per_parameter=False
-        ),
-        "generic": lambda m, b, d: batch_stats(cross_entropy, m, b, direction=d, method="generic"),
+        "grad": _grad,
+        "fast all": _stats("fast"),
+        "fast scalar": _stats("fast", per_parameter=False),
+        "generic": _stats("generic"),
     }
     peaks = {name: [_memory(fn, model, make_batch(n), direction)[0] for n in batch_sizes] for name, fn in variants.items()}
-    print(f"\npeak MB against the batch size (XLA's estimate; compile only)")
+    print("\npeak MB against the batch size (XLA's estimate; compile only)")
     print(f"{'variant':<14}" + "".join(f"{'B=' + str(n):>10}" for n in batch_sizes) + f"{'KB/example':>12}")
     for name, values in peaks.items():
         slope = (values[-1] - values[0]) / (batch_sizes[-1] - batch_sizes[0])

@@ -239,28 +239,26 @@ def _fast_moments(
         total = jnp.maximum(norm2_sum - n * mean_sq, 0)
         return [], total, [_cancels(total, norm2_sum, n)]
 
+    def finished(leaf_m2, total):
+        """(per-leaf sample variances, total M2) in the output dtype: what both branches return."""
+        return [jnp.asarray(sample_variance(m, n), dtype) for m in leaf_m2], jnp.asarray(total, dtype)
+
     def from_fast():
-        out = []
-        for quantity in quantities:
-            m2, total, _ = m2_from_squares(*quantity)
-            out.append(([jnp.asarray(sample_variance(m, n), dtype) for m in m2], jnp.asarray(total, dtype)))
-        return out
+        return [finished(*m2_from_squares(*quantity)[:2]) for quantity in quantities]
 
     def two_pass_fallback():
         # The fast means are accurate (sums, not differences), so only the
         # squared deviations about them are summed, one chunk at a time.
-        means = tuple([acc.mean[j] for j in covered] for acc, _, _ in quantities)
+        means = ([grad.mean[j] for j in covered], [hvp.mean[j] for j in covered] if with_hvp else None)
         sums = centred_square_sums(
-            per_example_loss, params, batch, n, means + (None,) * (2 - len(means)),
+            per_example_loss, params, batch, n, means,
             select=covered, direction=direction,
             chunk_size=_FALLBACK_CHUNK if chunk_size is None else chunk_size,
             per_parameter=per_parameter, reproducible=reproducible,
         )
-        out = []
-        for m2 in sums[: len(quantities)]:
-            variances = [jnp.asarray(sample_variance(m, n), dtype) for m in m2] if per_parameter else []
-            out.append((variances, jnp.asarray(sum(jnp.sum(m) for m in m2), dtype)))
-        return out
+        return [
+            finished(m2 if per_parameter else [], sum(jnp.sum(m) for m in m2)) for m2 in sums[: len(quantities)]
+        ]
 
     if n > 1:
         # The flags reduce M2 on the fly; each branch then writes the variances
