@@ -135,8 +135,13 @@ class GradientFilter(eqx.Module):
     **Prior.**  $m_0 = 0$ and $P_0$ = ``prior_variance`` $\cdot I$ (``1e4``,
     so that $k \approx 1$ and $m \approx g$ at the first step).
 
-    At ``count == 0`` (or whenever ``stats.hvp_mean is None``) the drift
-    $B_t\delta_{t-1}$ is zero.
+    **Drift.**  The drift $B_t\delta_{t-1}$ is ``stats.hvp_mean`` whenever it
+    is given, at every ``count`` (``count == 0`` included: the filter does not
+    zero it there), and zero when ``stats.hvp_mean is None``.  Meka computes
+    the first minibatch's HVP along its initial ``previous_step``, which is
+    zero, so the drift vanishes at ``count == 0`` by construction; callers
+    that pass their own statistics to the first `update` should pass
+    ``hvp_mean=None`` (or zeros) for the same effect.
 
     Hyperparameters are array fields, so a new value does not recompile a
     jitted function that takes the filter as an argument.

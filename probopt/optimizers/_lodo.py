@@ -42,6 +42,8 @@ from ..preconditioners import (
     partition_trainable,
 )
 from ..preconditioners._base import check_key
+from ._meka import _all_finite
+from ._running_average import _apply_nonfinite_policy, _check_on_nonfinite
 
 PreconditionerFactory = Callable[[int, Any], Preconditioner]
 """``(dim, dtype) -> Preconditioner``: builds $G(\\theta_0)$ for a flat parameter vector."""
@@ -58,7 +60,12 @@ class LodoState(NamedTuple):
       it with ``state.preconditioner(v)`` or ``.dense()``).
     - ``meta_state``: the meta-optimizer's state for $\theta$.
     - ``skipped_meta_updates``: how many meta-steps were skipped because the
-      hypergradient was not finite, int32 ``()``.
+      hypergradient was not finite (a skipped update, see ``skipped_updates``,
+      counts here too), int32 ``()``.
+    - ``skipped_updates``: how many updates were skipped because the gradient
+      was not finite (``on_nonfinite="skip"``), int32 ``()``.  A skipped
+      update returns zero updates and leaves every other field (``count``,
+      momentum, $\theta$, meta-state) unchanged.
     """
 
     count: jax.Array
@@ -66,6 +73,7 @@ class LodoState(NamedTuple):
     preconditioner: Preconditioner
     meta_state: optax.OptState
     skipped_meta_updates: jax.Array
+    skipped_updates: jax.Array
 
 
 def keras_adam(learning_rate: Any) -> optax.GradientTransformation:
@@ -119,11 +127,15 @@ def _check_hyperparameters(meta_learning_rate, initial_learning_rate, momentum) 
 
 
 
-def _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer):
+def _build_with_default_meta_optimizer(
+    make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer, on_nonfinite
+):
     """Every LODO variant's meta-optimizer defaults to Keras-default Adam (the paper's)."""
     if meta_optimizer is None:
         meta_optimizer = keras_adam(meta_learning_rate)
-    return meta_learned_preconditioner(make, meta_optimizer, initial_learning_rate, momentum)
+    return meta_learned_preconditioner(
+        make, meta_optimizer, initial_learning_rate, momentum, on_nonfinite=on_nonfinite
+    )
 
 def _check_structure(block_size, depth, hidden_dim) -> None:
     for name, value, low in (("block_size", block_size, 1), ("depth", depth, 0)):
@@ -142,6 +154,8 @@ def meta_learned_preconditioner(
     meta_optimizer: optax.GradientTransformation,
     initial_learning_rate: Any,
     momentum: Any,
+    *,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Momentum descent with any learned preconditioner, meta-trained online (LODO's Algorithm 1).
 
@@ -158,17 +172,25 @@ def meta_learned_preconditioner(
     - ``initial_learning_rate``: $\alpha_0$; overrides the preconditioner's
       ``scale`` at every update (so `optax.inject_hyperparams` can schedule it).
     - ``momentum``: $\beta \in [0, 1)$ of the gradient EMA.
+    - ``on_nonfinite``: what to do when the gradient contains NaN or infinity
+      (as in [`meka`][probopt.optimizers.meka]).  ``"skip"`` (default):
+      return zero updates, keep the whole state (momentum, $\theta$,
+      meta-state, ``count``) and count the skip in ``skipped_updates`` (and
+      ``skipped_meta_updates``).  ``"raise"``: raise at run time through
+      ``equinox.error_if`` when the gradient or the step is not finite.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` with state
     `LodoState`.
 
-    **Numerical fallback:** if the hypergradient contains NaN or infinity, the
-    meta-step is skipped ($\theta$ kept) and ``skipped_meta_updates`` counts it.
+    **Numerical fallback:** if the hypergradient of a finite gradient contains
+    NaN or infinity, the meta-step is skipped ($\theta$ kept; the momentum
+    and the step are still updated) and ``skipped_meta_updates`` counts it.
     """
     if not callable(make_preconditioner):
         raise TypeError("`make_preconditioner` must be a callable `(dim, dtype) -> Preconditioner`.")
     if not hasattr(meta_optimizer, "init") or not hasattr(meta_optimizer, "update"):
         raise TypeError("`meta_optimizer` must be an optax GradientTransformation.")
+    _check_on_nonfinite(on_nonfinite)
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
@@ -188,13 +210,32 @@ def meta_learned_preconditioner(
             preconditioner=preconditioner,
             meta_state=meta_optimizer.init(trainable),
             skipped_meta_updates=jnp.zeros((), jnp.int32),
+            skipped_updates=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         gradient, unravel = ravel_pytree(updates)
+        gradient = gradient.astype(state.momentum.dtype)
+        if on_nonfinite == "raise":
+            step, new_state = _step(gradient, state)
+            finite = _all_finite(gradient, step)
+            step, new_state = _apply_nonfinite_policy("raise", finite, step, new_state, state, "LODO")
+            return unravel(step), new_state
+
+        def skip(gradient, state):
+            return jnp.zeros_like(gradient), state._replace(
+                skipped_meta_updates=optax.safe_increment(state.skipped_meta_updates),
+                skipped_updates=optax.safe_increment(state.skipped_updates),
+            )
+
+        # `lax.cond`, not `where(finite, new, old)` on the whole state (see below).
+        step, new_state = jax.lax.cond(_all_finite(gradient), _step, skip, gradient, state)
+        return unravel(step), new_state
+
+    def _step(gradient, state):
+        """The LODO update for a finite gradient: ``(flat step, new state)``."""
         dtype = state.momentum.dtype
-        gradient = gradient.astype(dtype)
         preconditioner = eqx.tree_at(
             lambda p: p.scale,
             state.preconditioner,
@@ -230,8 +271,9 @@ def meta_learned_preconditioner(
             preconditioner=preconditioner,
             meta_state=meta_state,
             skipped_meta_updates=state.skipped_meta_updates + (~finite).astype(jnp.int32),
+            skipped_updates=state.skipped_updates,
         )
-        return unravel(step), new_state
+        return step, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -247,6 +289,7 @@ def lodo(
     hidden_dim: int | None = None,
     meta_optimizer: optax.GradientTransformation | None = None,
     unroll: int | bool = True,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LODO (Liao et al., 2023, Algorithm 1) as an optax transformation.
 
@@ -278,6 +321,8 @@ def lodo(
     - ``meta_optimizer``: overrides the default Adam
       (``keras_adam(meta_learning_rate)``: $\beta_1=0.9$, $\beta_2=0.999$, $\epsilon=10^{-7}$).
     - ``unroll``: `lax.scan` unrolling of the preconditioner's layers.
+    - ``on_nonfinite``: ``"skip"`` (default) or ``"raise"``, for a non-finite
+      gradient; see `meta_learned_preconditioner`.
 
     **Returns:** `optax.GradientTransformationExtraArgs` with state
     `LodoState`.
@@ -306,7 +351,9 @@ def lodo(
             unroll=unroll,
         )
 
-    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
+    return _build_with_default_meta_optimizer(
+        make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer, on_nonfinite
+    )
 
 
 def lodo_no_momentum(
@@ -349,18 +396,22 @@ def lodo_diagonal(
     momentum: Any,
     *,
     meta_optimizer: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LODO-Diagonal: $G = \alpha_0 \operatorname{diag}(w)$, $w_0 = \mathbf 1$ (a [`DiagonalPreconditioner`][probopt.preconditioners.DiagonalPreconditioner]).
 
     The hypergradient is $-\alpha_0\, g_{t+1} \odot m_t$.  Meta-optimizer:
-    Keras-default Adam unless given.
+    Keras-default Adam unless given.  ``on_nonfinite``: see
+    `meta_learned_preconditioner`.
     """
     _check_hyperparameters(meta_learning_rate, initial_learning_rate, momentum)
 
     def make(dim, dtype):
         return DiagonalPreconditioner(dim, initial_learning_rate=initial_learning_rate, dtype=dtype)
 
-    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
+    return _build_with_default_meta_optimizer(
+        make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer, on_nonfinite
+    )
 
 
 def lodo_global(
@@ -369,6 +420,7 @@ def lodo_global(
     momentum: Any,
     *,
     meta_optimizer: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LODO-Global: $G = \alpha_0 w I$ with one scalar $w_0 = 1$ (a [`ScalarPreconditioner`][probopt.preconditioners.ScalarPreconditioner]).
 
@@ -377,13 +429,16 @@ def lodo_global(
     et al., 2018) on the learning rate of momentum SGD.  Meta-optimizer:
     Keras-default Adam unless given.  (The authors' code maps this name to
     the diagonal class by mistake; this is the scalar form the paper describes.)
+    ``on_nonfinite``: see `meta_learned_preconditioner`.
     """
     _check_hyperparameters(meta_learning_rate, initial_learning_rate, momentum)
 
     def make(dim, dtype):
         return ScalarPreconditioner(dim, initial_learning_rate=initial_learning_rate, dtype=dtype)
 
-    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
+    return _build_with_default_meta_optimizer(
+        make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer, on_nonfinite
+    )
 
 
 def lodo_residuals(
@@ -396,12 +451,14 @@ def lodo_residuals(
     hidden_dim: int | None = None,
     init_scale: float = 0.125,
     meta_optimizer: optax.GradientTransformation | None = None,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LODO-Residuals: $G = \alpha_0 E^\top R^\top \operatorname{diag}(d) R E$, $R = \prod_{i=L}^{1}(I + \operatorname{diag}(w_i) P_i)$.
 
     See [`ResidualPreconditioner`][probopt.preconditioners.ResidualPreconditioner]
     ($L = 64$, $\tilde n = 2n$, $w_i \sim \mathcal N(0, 0.125^2)$, $d_0 = \mathbf 1$).
-    Meta-optimizer: Keras-default Adam unless given.
+    Meta-optimizer: Keras-default Adam unless given.  ``on_nonfinite``: see
+    `meta_learned_preconditioner`.
     """
     _check_hyperparameters(meta_learning_rate, initial_learning_rate, momentum)
     key = check_key(key)
@@ -417,4 +474,6 @@ def lodo_residuals(
             dtype=dtype,
         )
 
-    return _build_with_default_meta_optimizer(make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer)
+    return _build_with_default_meta_optimizer(
+        make, meta_learning_rate, initial_learning_rate, momentum, meta_optimizer, on_nonfinite
+    )

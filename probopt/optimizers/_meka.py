@@ -24,10 +24,11 @@ from typing import Any, Callable, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .. import stats as stats_module
-from .._validation import check_same_structure
+from .._validation import check_bool, check_real_scalar, check_same_structure
 from ..filters import GaussianBelief
 from ..filters._gradient import GradientFilter, NoiseEstimate
 from ..stats import BatchStats
@@ -126,19 +127,59 @@ def _as_step_size_rule(learning_rate: Any, step_size_options: dict | None) -> St
             "schedule use `optax.inject_hyperparams(meka)(learning_rate=schedule)`."
         )
     try:
-        value = jnp.asarray(learning_rate)
+        # A real, finite, non-negative scalar (zero allowed: schedules such as a
+        # warm-up start there).  Traced values (inject_hyperparams under jit)
+        # are checked for shape and dtype only.
+        check_real_scalar(learning_rate, "learning_rate", minimum=0.0)
     except TypeError as error:
         raise TypeError(
-            "`learning_rate` must be a number, a StepSizeRule or one of "
-            f"{PROBABILISTIC_STEP_SIZES}; got {type(learning_rate).__name__}."
-        ) from error
-    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.number):
-        raise ValueError(f"`learning_rate` must be a scalar number; got shape {value.shape}.")
-    return ConstantStepSize(learning_rate=value)
+            f"{error} Expected a number, a StepSizeRule or one of {PROBABILISTIC_STEP_SIZES}."
+        ) from None
+    return ConstantStepSize(learning_rate=jnp.asarray(learning_rate))
 
 
 def _dtype_of(tree: Any) -> Any:
     return jnp.result_type(*jax.tree_util.tree_leaves(tree))
+
+
+def _in_param_dtypes(tree: Any, template: Any) -> Any:
+    """Cast a pytree shaped like the parameters leafwise to ``template``'s dtypes.
+
+    With mixed-precision parameters (say a float32 and a float64 leaf) the
+    filter's scalar quantities take the widest dtype and would promote every
+    leaf they touch; the state must instead keep each leaf in its parameter's
+    dtype (the stored step is the next ``jax.jvp`` tangent, which must match
+    its primal).  Trees of another structure (scalar noise levels) are
+    returned unchanged.
+    """
+    if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(template):
+        return tree
+    return jax.tree_util.tree_map(lambda x, t: jnp.asarray(x).astype(t.dtype), tree, template)
+
+
+def _belief_in_param_dtypes(belief: GaussianBelief, template: Any) -> GaussianBelief:
+    return GaussianBelief(
+        mean=_in_param_dtypes(belief.mean, template),
+        variance=_in_param_dtypes(belief.variance, template),
+        structure=belief.structure,
+    )
+
+
+def _widen_low_precision(tree: Any) -> Any:
+    """Cast floating leaves narrower than float32 (bfloat16, float16) to float32.
+
+    The step-size rules evaluate special functions (e.g. ``ndtr`` in the
+    probabilistic acquisitions) that JAX does not implement for 16-bit
+    floats; they run in float32 and Meka casts the step length back.
+    """
+
+    def widen(x):
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+            if jnp.finfo(x.dtype).bits < 32:
+                return x.astype(jnp.float32)
+        return x
+
+    return jax.tree_util.tree_map(widen, tree)
 
 
 def _all_finite(*trees: Any) -> jax.Array:
@@ -213,7 +254,7 @@ def _filtered_optimizer(
         noise_floor=noise_floor,
         covariance=covariance,
     )
-    use_filter = bool(filter)
+    use_filter = check_bool(filter, "filter")
 
     def init_fn(params: Any) -> MekaState:
         belief = gradient_filter.init(params)
@@ -234,7 +275,7 @@ def _filtered_optimizer(
             process_noise_estimate=noise.process_noise,
             previous_step=jax.tree_util.tree_map(jnp.zeros_like, params),
             step_size=jnp.zeros((), dtype),
-            step_size_state=rule.init(params),
+            step_size_state=rule.init(_widen_low_precision(params)),
             skipped_updates=jnp.zeros((), jnp.int32),
         )
 
@@ -245,7 +286,12 @@ def _filtered_optimizer(
                 "Meka's `update` requires the keyword argument `stats` (a "
                 "probopt.stats.BatchStats of the minibatch at the current params, with "
                 "`direction=state.previous_step` for the Hessian-vector product): call "
-                "`opt.update(grads, state, params, stats=stats)` or use `make_step`."
+                "`opt.update(grads, state, params, stats=stats)` or use `make_step`. If you "
+                "did use `make_step` (or pass `stats=`), a wrapper around Meka dropped it: "
+                "wrappers that are not `optax.GradientTransformationExtraArgs` (such as "
+                "`optax.MultiSteps`, which forwards no extra arguments) never pass `stats` "
+                "on. Use Meka directly or inside `optax.chain` (which forwards `stats`), or "
+                "accumulate gradients yourself before calling Meka."
             )
         if not isinstance(stats, BatchStats):
             raise TypeError(
@@ -258,6 +304,22 @@ def _filtered_optimizer(
         # The (possibly transformed) incoming gradient is the observation g_t.
         observed = stats._replace(grad_mean=updates)
         posterior, noise, info = gradient_filter.update(state.belief, observed, state.noise, state.count)
+        template = state.belief.mean  # zeros in the parameters' own dtypes
+        posterior = _belief_in_param_dtypes(posterior, template)
+        noise = NoiseEstimate(*(_in_param_dtypes(x, template) for x in noise))
+        info = info._replace(
+            predicted=_belief_in_param_dtypes(info.predicted, template),
+            **{
+                name: _in_param_dtypes(getattr(info, name), template)
+                for name in (
+                    "gain",
+                    "observation_noise",
+                    "process_noise",
+                    "observation_noise_estimate",
+                    "process_noise_estimate",
+                )
+            },
+        )
         gain = info.gain
         if not use_filter:
             # Ablation: the belief is the observation itself, N(g_t, Sigma_t).
@@ -270,6 +332,7 @@ def _filtered_optimizer(
             )
             gain = jax.tree_util.tree_map(jnp.ones_like, info.gain)
         direction = _adam_direction(posterior, epsilon) if adaptive else posterior.mean
+        direction = _in_param_dtypes(direction, template)
         context = StepSizeContext(
             direction=direction,
             previous_belief=state.belief,
@@ -280,7 +343,7 @@ def _filtered_optimizer(
             observation_noise=info.observation_noise,
             count=state.count,
         )
-        alpha, step_size_state = rule(state.step_size_state, context)
+        alpha, step_size_state = rule(state.step_size_state, _widen_low_precision(context))
         alpha = jnp.asarray(alpha).astype(state.step_size.dtype)
         step = jax.tree_util.tree_map(lambda u: (-alpha * u).astype(u.dtype), direction)
         new_state = MekaState(
@@ -354,7 +417,8 @@ def meka(
     - ``learning_rate``: the step length $\alpha$: a number (constant step), a
       `StepSizeRule` instance, or ``"pi"``, ``"ei"``, ``"quadratic"`` for the
       probabilistic rules (``ProbabilisticStepSize(acquisition=...)``,
-      configured by ``step_size_options``).  Under
+      configured by ``step_size_options``).  A number must be a real,
+      finite scalar ``>= 0`` (checked at construction when concrete).  Under
       ``optax.inject_hyperparams`` a number may be scheduled; pass a
       `StepSizeRule` there with ``static_args="learning_rate"``.
     - ``prior_variance``: $p_0$ of the prior $\mathcal N(0, p_0 I)$ (``1e4``).
@@ -377,7 +441,15 @@ def meka(
     ``stats.grad_mean`` / ``grad_var`` / ``hvp_mean`` / ``hvp_var`` differ
     in pytree structure or shapes, or ``stats`` is not the reduced statistics
     of one minibatch (non-scalar ``batch_size`` or ``*_mean``/``*_var_mean``
-    fields); ``TypeError`` if ``stats`` is missing.
+    fields); ``TypeError`` if ``stats`` is missing.  At construction:
+    ``ValueError`` for a negative or non-finite ``learning_rate``,
+    ``TypeError`` for a ``None``, bool, complex or non-numeric one or a
+    non-bool ``filter``.
+
+    **Precision.**  Every parameter-shaped leaf of the state keeps its own
+    parameter's dtype (mixed float32/float64 parameters work).  With 16-bit
+    parameters (bfloat16, float16) the step-size rule runs in float32 and
+    the step length is cast back.
 
     See `GradientFilter` for the noise conventions, smoothing and floor.
 

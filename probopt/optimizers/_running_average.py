@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from .._validation import is_concrete
+from ._meka import NONFINITE_POLICIES, _all_finite
 
 
 def _check_time_constant(value: Any, name: str) -> None:
@@ -35,6 +37,36 @@ def _check_time_constant(value: Any, name: str) -> None:
 def _check_positive(value: Any, name: str) -> None:
     if is_concrete(value) and not np.all(np.asarray(value) > 0):
         raise ValueError(f"`{name}` must be positive; got {value!r}.")
+
+
+def _check_on_nonfinite(on_nonfinite: Any) -> None:
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {on_nonfinite!r}."
+        )
+
+
+def _apply_nonfinite_policy(
+    on_nonfinite: str, finite: jax.Array, updates: Any, new_state: Any, state: Any, name: str
+) -> tuple[Any, Any]:
+    """Meka's ``on_nonfinite`` policy for a state with a ``skipped_updates`` counter.
+
+    ``"skip"``: where ``finite`` is false return zero updates and ``state``
+    unchanged except ``skipped_updates``, incremented.  ``"raise"``: raise at run
+    time through ``equinox.error_if`` (an ``EquinoxRuntimeError`` naming ``name``).
+    """
+    if on_nonfinite == "raise":
+        updates = eqx.error_if(
+            updates,
+            ~finite,
+            f"{name} update: non-finite gradient or step (on_nonfinite='raise'); "
+            "use on_nonfinite='skip' to skip such updates.",
+        )
+        return updates, new_state
+    skipped = state._replace(skipped_updates=optax.safe_increment(state.skipped_updates))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    return updates, new_state
 
 
 def running_average_rate(count: jax.Array, time_constant: Any) -> jax.Array:
@@ -114,12 +146,15 @@ class SimplifiedAdamState(NamedTuple):
     count: jax.Array  # shape=(), number of updates so far
     mu: Any  # running mean of the gradient, pytree like params
     s: Any  # running mean of the squared gradient, pytree like params
+    skipped_updates: jax.Array  # shape=(), updates skipped for a non-finite gradient or step
 
 
 def scale_by_simplified_adam(
     momentum_time_constant: float = 10.0,
     second_moment_time_constant: float = 1000.0,
     eps: float = 1e-8,
+    *,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
     r"""McAllester's simplified Adam, without the learning rate.
 
@@ -137,7 +172,13 @@ def scale_by_simplified_adam(
     - `momentum_time_constant`: $N_g \ge 1$.
     - `second_moment_time_constant`: $N_s \ge 1$.
     - `eps`: $\epsilon \ge 0$.
+    - `on_nonfinite`: what to do when the gradient or the output contains NaN
+      or infinity (as in [`meka`][probopt.optimizers.meka]).  ``"skip"``
+      (default): return zero updates, keep the state (``count`` included) and
+      count the skip in ``state.skipped_updates``.  ``"raise"``: raise at run
+      time through ``equinox.error_if``.
     """
+    _check_on_nonfinite(on_nonfinite)
     _check_time_constant(momentum_time_constant, "momentum_time_constant")
     _check_time_constant(second_moment_time_constant, "second_moment_time_constant")
     if is_concrete(eps) and not float(eps) >= 0:
@@ -148,6 +189,7 @@ def scale_by_simplified_adam(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             s=optax.tree.zeros_like(params),
+            skipped_updates=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
@@ -157,7 +199,9 @@ def scale_by_simplified_adam(
         squares = jax.tree.map(jnp.square, updates)
         s = update_running_average(state.s, squares, count, second_moment_time_constant)
         scaled = jax.tree.map(lambda m, v: m / jnp.sqrt(v + jnp.asarray(eps, v.dtype)), mu, s)
-        return scaled, SimplifiedAdamState(count=count, mu=mu, s=s)
+        new_state = SimplifiedAdamState(count=count, mu=mu, s=s, skipped_updates=state.skipped_updates)
+        finite = _all_finite(updates, scaled)
+        return _apply_nonfinite_policy(on_nonfinite, finite, scaled, new_state, state, "simplified_adam")
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -167,17 +211,24 @@ def simplified_adam(
     momentum_time_constant: float = 10.0,
     second_moment_time_constant: float = 1000.0,
     eps: float = 1e-8,
+    *,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
     r"""McAllester's simplified Adam: $\Phi_{t+1} = \Phi_t - \eta\,\mu_t/\sqrt{s_t + \epsilon}$.
 
     **Arguments:**
 
     - `learning_rate`: $\eta$, a float or an optax schedule.
-    - `momentum_time_constant`, `second_moment_time_constant`, `eps`: see
+    - `momentum_time_constant`, `second_moment_time_constant`, `eps`,
+      `on_nonfinite`: see
       [`scale_by_simplified_adam`][probopt.optimizers.scale_by_simplified_adam].
+      (A skipped update is zero; a `learning_rate` schedule's own step count,
+      in the chain's second state, still advances.)
     """
     return optax.chain(
-        scale_by_simplified_adam(momentum_time_constant, second_moment_time_constant, eps),
+        scale_by_simplified_adam(
+            momentum_time_constant, second_moment_time_constant, eps, on_nonfinite=on_nonfinite
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )
 

@@ -62,6 +62,8 @@ import optax
 
 from .._validation import check_same_structure, is_concrete
 from ..stats import BatchStats
+from ._meka import _all_finite
+from ._running_average import _apply_nonfinite_policy, _check_on_nonfinite
 
 
 class SNRState(NamedTuple):
@@ -77,6 +79,9 @@ class SNRState(NamedTuple):
     - `learning_rate`: $\\eta_t$ used by the last update, pytree like params.
     - `optimal_batch_size`: $B^*(t)$ that will weight the next gradient,
       pytree like params.
+    - `skipped_updates`: how many updates were skipped because the gradient,
+      the per-example variance or the step was not finite
+      (``on_nonfinite="skip"``), shape ``()``.
     """
 
     count: jax.Array  # shape=()
@@ -85,6 +90,7 @@ class SNRState(NamedTuple):
     example_variance: Any
     learning_rate: Any
     optimal_batch_size: Any
+    skipped_updates: jax.Array  # shape=()
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -101,6 +107,7 @@ def scale_by_snr(
     batch_size: float = 1.0,
     variance: Literal["temporal", "per_example"] = "temporal",
     min_averaging_steps: float = 2.0,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""McAllester's SNR rule as a transformation: returns $\eta_t\odot\hat g_t$.
 
@@ -120,6 +127,12 @@ def scale_by_snr(
     - `variance`: ``"temporal"`` or ``"per_example"`` (see the module text).
     - `min_averaging_steps`: $M \ge 1$, the shortest time constant (in steps)
       of the running averages; caps the averaging weight at $1/M$.
+    - `on_nonfinite`: what to do when the gradient, the per-example variance
+      or the output contains NaN or infinity (as in
+      [`meka`][probopt.optimizers.meka]).  ``"skip"`` (default): return zero
+      updates, keep the state (``count`` included) and count the skip in
+      ``state.skipped_updates``.  ``"raise"``: raise at run time through
+      ``equinox.error_if``.
 
     **Extra arguments of `update`:**
 
@@ -142,6 +155,7 @@ def scale_by_snr(
         raise ValueError(f"`batch_size` must be >= 1; got {batch_size!r}.")
     if is_concrete(min_averaging_steps) and not np.all(np.asarray(min_averaging_steps) >= 1):
         raise ValueError(f"`min_averaging_steps` must be >= 1; got {min_averaging_steps!r}.")
+    _check_on_nonfinite(on_nonfinite)
     temporal = variance == "temporal"
 
     def init_fn(params):
@@ -153,6 +167,7 @@ def scale_by_snr(
             example_variance=None if temporal else zeros,
             learning_rate=zeros,
             optimal_batch_size=jax.tree.map(lambda x: jnp.full_like(x, warmup_steps), params),
+            skipped_updates=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, stats: BatchStats | None = None, **extra_args):
@@ -220,8 +235,10 @@ def scale_by_snr(
             example_variance=example_variance,
             learning_rate=eta,
             optimal_batch_size=b_star,
+            skipped_updates=state.skipped_updates,
         )
-        return scaled, new_state
+        finite = _all_finite(updates, observed_var, scaled)
+        return _apply_nonfinite_policy(on_nonfinite, finite, scaled, new_state, state, "snr_sgd")
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -235,6 +252,7 @@ def snr_sgd(
     batch_size: float = 1.0,
     variance: Literal["temporal", "per_example"] = "temporal",
     min_averaging_steps: float = 2.0,
+    on_nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with McAllester's per-coordinate SNR learning rate: $\Phi \leftarrow \Phi - \eta_t\odot\hat g_t$.
 
@@ -250,6 +268,7 @@ def snr_sgd(
             batch_size=batch_size,
             variance=variance,
             min_averaging_steps=min_averaging_steps,
+            on_nonfinite=on_nonfinite,
         ),
         optax.scale(-1.0),
     )

@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._validation import check_same_structure
+from .._validation import check_bool, check_positive_int, check_same_structure
 from ._fast import FastPlan, discover, fast_pass
 from ._generic import batch_size_of, centred_square_sums, check_per_example_loss, generic_moments
 from ._moments import sample_variance
 from ._types import BatchStats
 
 _METHODS = ("auto", "generic", "fast")
+
+
+class GenericPathWarning(UserWarning):
+    """``batch_stats(method="auto")`` sends some leaves of ``params`` through the slow generic path.
+
+    Emitted once per traced call (i.e. once per compilation of a jitted step),
+    never for ``method="generic"``.  Silence it with
+    ``warnings.filterwarnings("ignore", category=GenericPathWarning)`` or by
+    passing ``method="generic"`` explicitly.
+    """
+
+
+_SUPPORTED_LAYERS = "Linear, Conv1d, Conv2d, LayerNorm, GroupNorm, Embedding"
+
+
+def _warn_generic(names: list[str], num_leaves: int) -> None:
+    """Tell the user which leaves go generic, what it costs and how to avoid it."""
+    shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+    warnings.warn(
+        f"batch_stats(method='auto'): {len(names)} of {num_leaves} leaves of `params` take the generic "
+        f"per-example path (vmap of per-example gradients, typically ~10-500x the cost of one "
+        f"gradient): {shown}. They are not owned exclusively by an instrumented layer called under "
+        "one jax.vmap over examples (or are also used elsewhere in the loss, e.g. a penalty or a tied "
+        "weight). Fix: build the model from probopt.stats layers or pass it through "
+        f"probopt.stats.instrument(model) (supported: {_SUPPORTED_LAYERS}); pass method='generic' "
+        "to accept the generic path silently.",
+        GenericPathWarning,
+        stacklevel=2,
+    )
 
 
 def _check_params(params: Any, name: str) -> None:
@@ -166,8 +196,9 @@ def batch_stats(
     """
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")  # NumPy integers too
+    per_parameter = check_bool(per_parameter, "per_parameter")
     _check_params(params, "params")
     if direction is not None:
         check_same_structure(params, direction, "params", "direction")

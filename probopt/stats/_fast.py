@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Var
 
-from ._tape import Tape, TapSpec
+from ._tape import Tape, TapSpec, tap_index
 
 
 class FastPlan(NamedTuple):
@@ -51,27 +51,62 @@ def _depends_on_params(closed_jaxpr: Any, num_param_inputs: int) -> list[bool]:
     return [isinstance(v, Var) and v in dependent for v in jaxpr.outvars]
 
 
+def _param_users(closed_jaxpr: Any, num_param_inputs: int) -> list[set]:
+    """Per parameter input of the discovery jaxpr: who uses it.
+
+    Each use is the spec index of the tagged layer call (`Tape.tagged`) that
+    consumes it, or ``None`` for any other use: an ordinary equation (e.g. the
+    ``jnp.sum(w**2)`` of a penalty, the ``x @ w.T`` of a tied output head),
+    a layer call that the tape did not accept, a nested ``jit``/``scan``/
+    ``checkpoint``, or an output of the trace.  Every equation of the trace
+    is kept (``make_jaxpr`` removes no dead code), so this lists *all* uses.
+    """
+    jaxpr = closed_jaxpr.jaxpr
+    index = {v: i for i, v in enumerate(jaxpr.invars[:num_param_inputs])}
+    users: list[set] = [set() for _ in range(num_param_inputs)]
+    for eqn in jaxpr.eqns:
+        tag = tap_index(eqn)
+        for v in eqn.invars:
+            if isinstance(v, Var) and v in index:
+                users[index[v]].add(tag)
+    for v in jaxpr.outvars:
+        if isinstance(v, Var) and v in index:
+            users[index[v]].add(None)
+    return users
+
+
 def discover(per_example_loss: Callable, params: Any, batch: Any, n: int) -> FastPlan:
-    """Trace the loss once (abstractly) to find the instrumented layer calls."""
+    """Trace the loss once (abstractly) to find the instrumented layer calls.
+
+    A call is active (its parameters handled fast) only if each of its
+    parameters is a leaf of ``params`` whose **every** use in the traced loss
+    is inside that one call, found by walking the jaxpr (`_param_users`);
+    any other use, however small, sends the leaf to the generic path.
+    """
     found: list[Tape] = []
 
     def trace(params, batch):
         tape = Tape(jax.tree_util.tree_leaves(params), n)
         with tape.recording():
-            per_example_loss(params, batch)
+            losses = per_example_loss(params, batch)
         found.append(tape)
-        return tape.records
+        return tape.records, losses
 
     closed = jax.make_jaxpr(trace)(params, batch)
     tape = found[0]
     num_param_inputs = len(jax.tree_util.tree_leaves(params))
-    record_depends = tuple(_depends_on_params(closed, num_param_inputs))
+    num_records = len(tape.records)
+    record_depends = tuple(_depends_on_params(closed, num_param_inputs)[:num_records])
     referenced = Counter(i for spec in tape.specs for i in spec.leaf_index.values())
+    users = _param_users(closed, num_param_inputs)
 
-    def owns_exclusively(spec: TapSpec) -> bool:
-        return all(i >= 0 and tape.uses[i] == 1 and referenced[i] == 1 for i in spec.leaf_index.values())
+    def owns_exclusively(k: int, spec: TapSpec) -> bool:
+        return all(
+            i >= 0 and tape.uses[i] == 1 and referenced[i] == 1 and users[i] == {k}
+            for i in spec.leaf_index.values()
+        )
 
-    active = tuple(owns_exclusively(spec) for spec in tape.specs)
+    active = tuple(owns_exclusively(k, spec) for k, spec in enumerate(tape.specs))
     covered = sorted(i for spec, on in zip(tape.specs, active) if on for i in spec.leaf_index.values())
     return FastPlan(tuple(tape.specs), active, tuple(covered), record_depends)
 

@@ -31,11 +31,17 @@ import threading
 from collections import Counter
 from typing import Any, Callable, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.extend.core import get_opaque_trace_state
 
 _ACTIVE = threading.local()
+
+# Name prefix of the ``jax.jit`` that wraps the ``k``-th accepted layer call in
+# the discovery trace, so that its uses of the parameters are identifiable as
+# one equation of the jaxpr (see `tap_index`).
+TAG_PREFIX = "_probopt_stats_tapped_call_"
 
 
 def active_tape() -> "Tape | None":
@@ -99,6 +105,23 @@ class Tape:
         same_trace = get_opaque_trace_state() == self.trace_state
         return same_trace and axis_size == self.batch_size and not params_batched
 
+    def tagged(self, fn: Callable[[Any, Any], Any], layer: Any, x: Any) -> Any:
+        """``fn(layer, x)``; in discovery mode as one named ``jit`` equation of the traced jaxpr.
+
+        Its name carries the index the call's `TapSpec` will get, so that
+        `tap_index` recognises exactly the uses of the parameters made inside
+        this accepted layer call.
+        """
+        if self.probes is not None:
+            return fn(layer, x)
+        arrays, static = eqx.partition(layer, eqx.is_array)
+
+        def body(arrays, x):
+            return fn(eqx.combine(arrays, static), x)
+
+        body.__name__ = body.__qualname__ = f"{TAG_PREFIX}{len(self.specs)}"
+        return jax.jit(body)(arrays, x)
+
     def tap(self, layer: Any, params: dict[str, Any], y: jax.Array, record: Callable[[], Any]) -> jax.Array:
         """Register an accepted call; in run mode add its probe and record its input factor."""
         leaf_index = {name: self.leaf_ids.get(id(value), -1) for name, value in params.items()}
@@ -119,6 +142,14 @@ class Tape:
             return y
         self.records.append(record())
         return y + self.probes[sum(self.active[:k])]
+
+
+def tap_index(eqn: Any) -> int | None:
+    """The spec index of a discovery-trace equation made by `Tape.tagged`, else ``None``."""
+    name = eqn.params.get("name") if eqn.primitive.name in ("jit", "pjit") else None
+    if isinstance(name, str) and name.startswith(TAG_PREFIX) and name[len(TAG_PREFIX) :].isdigit():
+        return int(name[len(TAG_PREFIX) :])
+    return None
 
 
 def tapped_call(layer: Any, x: Any, plain: Callable[[Any, Any], Any], params: dict[str, Any]) -> Any:
@@ -145,9 +176,10 @@ def tapped_call(layer: Any, x: Any, plain: Callable[[Any, Any], Any], params: di
         layer_batched, x_batched = in_batched
         params_batched = any(jax.tree_util.tree_leaves(layer_batched))
         in_axes = (jax.tree_util.tree_map(lambda b: 0 if b else None, layer_batched), 0 if x_batched else None)
-        y = jax.vmap(plain, in_axes=in_axes)(layer, x)
+        batched_plain = jax.vmap(plain, in_axes=in_axes)
         if not (x_batched and tape.accepts(axis_size, params_batched) and layer._tap_supported()):
-            return y, True
+            return batched_plain(layer, x), True
+        y = tape.tagged(batched_plain, layer, x)
         # The arrays of `layer` here are the very objects held by the caller, so
         # their identity tells which leaves of `params` they are.
         layer_params = {name: getattr(layer, name) for name in params}
