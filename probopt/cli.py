@@ -2,8 +2,9 @@
 
 ``probopt compare`` with no arguments runs the default comparison (Meka,
 AdaMeka, Meka+PI, LODO and the optax baselines on the noisy quadratic,
-3 seeds), prints a results table and writes a PNG plot and NetCDF traces under
-``runs/compare``.  ``probopt bench`` lists or runs ``examples/bench_*.py``.
+3 seeds), prints a results table and writes a PNG plot and NetCDF traces in a
+new folder ``runs/compare/<problem>-<YYYYmmdd-HHMMSS>``. All arguments are
+checked before any workload or optimizer is built.  ``probopt bench`` lists or runs ``examples/bench_*.py``.
 """
 
 from __future__ import annotations
@@ -336,7 +337,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``probopt`` command; returns the exit code."""
+    """Entry point of the ``probopt`` command; returns the exit code.
+
+    Ctrl-C prints ``probopt: interrupted`` and gives exit status 130; called
+    with ``argv=None`` (as the installed command) the process then ends at
+    once with ``os._exit(130)``, otherwise ``130`` is returned.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -349,6 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C: one line and the conventional 128 + SIGINT status, no traceback.
         print("probopt: interrupted", file=sys.stderr, flush=True)
+        if argv is None:
+            # Run as the command: leave without the interpreter's shutdown. Exiting
+            # normally while XLA is still compiling or running a chunk of steps
+            # can end in a segmentation fault (exit status -11) instead of 130.
+            sys.stdout.flush()
+            os._exit(130)
         return 130
 
 
