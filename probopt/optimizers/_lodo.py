@@ -42,8 +42,9 @@ from ..preconditioners import (
     partition_trainable,
 )
 from ..preconditioners._base import check_key
-from ._meka import _all_finite
-from ._running_average import _apply_nonfinite_policy, _check_on_nonfinite
+from ._nonfinite import all_finite as _all_finite
+from ._nonfinite import apply_nonfinite_policy as _apply_nonfinite_policy
+from ._nonfinite import check_on_nonfinite as _check_on_nonfinite
 
 PreconditionerFactory = Callable[[int, Any], Preconditioner]
 """``(dim, dtype) -> Preconditioner``: builds $G(\\theta_0)$ for a flat parameter vector."""

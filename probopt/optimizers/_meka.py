@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._nonfinite import NONFINITE_POLICIES as NONFINITE_POLICIES
+from ._nonfinite import all_finite as _all_finite
+from ._nonfinite import check_on_nonfinite
 from .. import stats as stats_module
 from .._validation import check_bool, check_real_scalar, check_same_structure
 from ..filters import GaussianBelief
@@ -35,7 +38,6 @@ from ..stats import BatchStats
 from ._step_size import ConstantStepSize, StepSizeContext, StepSizeRule
 
 PROBABILISTIC_STEP_SIZES = ("pi", "ei", "quadratic")
-NONFINITE_POLICIES = ("skip", "raise")
 
 
 class MekaState(NamedTuple):
@@ -182,17 +184,6 @@ def _widen_low_precision(tree: Any) -> Any:
     return jax.tree_util.tree_map(widen, tree)
 
 
-def _all_finite(*trees: Any) -> jax.Array:
-    """``True`` (shape ``()``) when every inexact leaf of every tree is finite."""
-    flags = [
-        jnp.all(jnp.isfinite(leaf))
-        for tree in trees
-        for leaf in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
-    ]
-    return jnp.stack(flags).all() if flags else jnp.asarray(True)
-
-
 def _check_stats(stats: BatchStats, updates: Any, params: Any) -> None:
     """Trace-time checks that ``stats`` describes one minibatch of a model shaped like ``updates``."""
     if jnp.shape(stats.batch_size) != ():
@@ -242,10 +233,7 @@ def _filtered_optimizer(
     step_size_options: dict | None,
     on_nonfinite: str,
 ) -> optax.GradientTransformationExtraArgs:
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {on_nonfinite!r}."
-        )
+    check_on_nonfinite(on_nonfinite)
     rule = _as_step_size_rule(learning_rate, step_size_options)
     gradient_filter = GradientFilter(
         prior_variance=prior_variance,

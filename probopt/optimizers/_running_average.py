@@ -26,7 +26,9 @@ import numpy as np
 import optax
 
 from .._validation import is_concrete
-from ._meka import NONFINITE_POLICIES, _all_finite
+from ._nonfinite import all_finite as _all_finite
+from ._nonfinite import apply_nonfinite_policy as _apply_nonfinite_policy
+from ._nonfinite import check_on_nonfinite as _check_on_nonfinite
 
 
 def _check_time_constant(value: Any, name: str) -> None:
@@ -37,36 +39,6 @@ def _check_time_constant(value: Any, name: str) -> None:
 def _check_positive(value: Any, name: str) -> None:
     if is_concrete(value) and not np.all(np.asarray(value) > 0):
         raise ValueError(f"`{name}` must be positive; got {value!r}.")
-
-
-def _check_on_nonfinite(on_nonfinite: Any) -> None:
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {on_nonfinite!r}."
-        )
-
-
-def _apply_nonfinite_policy(
-    on_nonfinite: str, finite: jax.Array, updates: Any, new_state: Any, state: Any, name: str
-) -> tuple[Any, Any]:
-    """Meka's ``on_nonfinite`` policy for a state with a ``skipped_updates`` counter.
-
-    ``"skip"``: where ``finite`` is false return zero updates and ``state``
-    unchanged except ``skipped_updates``, incremented.  ``"raise"``: raise at run
-    time through ``equinox.error_if`` (an ``EquinoxRuntimeError`` naming ``name``).
-    """
-    if on_nonfinite == "raise":
-        updates = eqx.error_if(
-            updates,
-            ~finite,
-            f"{name} update: non-finite gradient or step (on_nonfinite='raise'); "
-            "use on_nonfinite='skip' to skip such updates.",
-        )
-        return updates, new_state
-    skipped = state._replace(skipped_updates=optax.safe_increment(state.skipped_updates))
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
-    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    return updates, new_state
 
 
 def running_average_rate(count: jax.Array, time_constant: Any) -> jax.Array:

@@ -62,8 +62,9 @@ import optax
 
 from .._validation import check_same_structure, is_concrete
 from ..stats import BatchStats
-from ._meka import _all_finite
-from ._running_average import _apply_nonfinite_policy, _check_on_nonfinite
+from ._nonfinite import all_finite as _all_finite
+from ._nonfinite import apply_nonfinite_policy as _apply_nonfinite_policy
+from ._nonfinite import check_on_nonfinite as _check_on_nonfinite
 
 
 class SNRState(NamedTuple):
